@@ -1,0 +1,47 @@
+"""Shared fixtures: composed configs, the real ISIC CSVs and sample JPEGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from dermascan.config import config_dir, validate
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+ISIC_CSVS = SHARED / "isic"
+SAMPLE_IMAGES = SHARED / "isic-sample" / "images"
+
+
+def compose_config(name: str, overrides: list[str], schema: type) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with overrides and validate it, as the entry points do."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    return validate(cfg, schema)
+
+
+@pytest.fixture(scope="session")
+def isic_csvs() -> Path:
+    if not (ISIC_CSVS / "ISIC_2019_Training_GroundTruth.csv").is_file():
+        pytest.skip(f"real ISIC CSVs not found at {ISIC_CSVS}")
+    return ISIC_CSVS
+
+
+@pytest.fixture(scope="session")
+def sample_jpegs() -> list[Path]:
+    jpegs = sorted(SAMPLE_IMAGES.glob("*.jpg"))
+    if len(jpegs) < 240:
+        pytest.skip(f"the 240 real sample JPEGs were not found at {SAMPLE_IMAGES}")
+    return jpegs
+
+
+@pytest.fixture(scope="session")
+def sample_labels(isic_csvs: Path, sample_jpegs: list[Path]) -> pd.DataFrame:
+    """ISIC 2019 ground-truth rows of the 240 sample images."""
+    gt = pd.read_csv(isic_csvs / "ISIC_2019_Training_GroundTruth.csv")
+    ids = {p.stem for p in sample_jpegs}
+    return gt[gt["image"].isin(ids)].reset_index(drop=True)
