@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dermascan.config import config_dir, validate
+from dermascan.data.isic import METADATA_2019, RELEASES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -45,3 +47,16 @@ def sample_labels(isic_csvs: Path, sample_jpegs: list[Path]) -> pd.DataFrame:
     gt = pd.read_csv(isic_csvs / "ISIC_2019_Training_GroundTruth.csv")
     ids = {p.stem for p in sample_jpegs}
     return gt[gt["image"].isin(ids)].reset_index(drop=True)
+
+
+@pytest.fixture
+def small_root(tmp_path, isic_csvs, sample_jpegs, sample_labels) -> Path:
+    """The 240 real sample images in the ISIC 2019 layout, with their real CSV rows."""
+    root = tmp_path / "raw"
+    (root / RELEASES["isic2019_train"].input_dir).mkdir(parents=True)
+    for jpeg in sample_jpegs:
+        shutil.copyfile(jpeg, root / RELEASES["isic2019_train"].input_dir / jpeg.name)
+    sample_labels.to_csv(root / RELEASES["isic2019_train"].ground_truth, index=False)
+    meta = pd.read_csv(isic_csvs / METADATA_2019)
+    meta[meta["image"].isin(sample_labels["image"])].to_csv(root / METADATA_2019, index=False)
+    return root

@@ -59,3 +59,4 @@ def test_official_split_needs_the_2018_test_release():
 def test_demo_sizes_are_checked():
     with pytest.raises(ConfigError, match="min_side <= max_side"):
         compose_config("ingest", ["data.demo.max_side=96"], IngestConfig)
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,26 +12,13 @@ import pytest
 
 from dermascan.config import IngestConfig
 from dermascan.data.images import check_image
-from dermascan.data.isic import METADATA_2019, RELEASES
+from dermascan.data.isic import RELEASES
 from dermascan.errors import DataError
 from dermascan.ingest import ingest
 
 from .conftest import compose_config
 
 R2019 = RELEASES["isic2019_train"]
-
-
-@pytest.fixture
-def small_root(tmp_path, isic_csvs, sample_jpegs, sample_labels) -> Path:
-    """The 240 real sample images in the ISIC 2019 layout, with their real CSV rows."""
-    root = tmp_path / "raw"
-    (root / R2019.input_dir).mkdir(parents=True)
-    for jpeg in sample_jpegs:
-        shutil.copyfile(jpeg, root / R2019.input_dir / jpeg.name)
-    sample_labels.to_csv(root / R2019.ground_truth, index=False)
-    meta = pd.read_csv(isic_csvs / METADATA_2019)
-    meta[meta["image"].isin(sample_labels["image"])].to_csv(root / METADATA_2019, index=False)
-    return root
 
 
 def run_ingest(root: Path, tmp_path: Path, *overrides: str):

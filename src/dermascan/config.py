@@ -59,6 +59,33 @@ class SplitPolicy(str, Enum):
     official = "official"
 
 
+class Engine(str, Enum):
+    fast = "fast"
+    legacy = "legacy"
+
+
+class AugmentDevice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    accelerator = "accelerator"
+
+
+@dataclass
+class AugmentConfig:
+    engine: Engine = Engine.fast
+    device: AugmentDevice = AugmentDevice.auto
+    rotation_range: float = 0.0
+    width_shift_range: float = 0.0
+    height_shift_range: float = 0.0
+    zoom_range: Any = 0.0  # a float z ([1 - z, 1 + z]) or a [lo, hi] pair
+    shear_range: float = 0.0
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    brightness_range: Optional[list[float]] = None
+    fill_mode: str = "nearest"
+    cval: float = 0.0
+
+
 @dataclass
 class PathsConfig:
     data_dir: str = "data"
@@ -75,6 +102,15 @@ class DemoConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str = "data/cache"
+    size: int = 224
+    method: str = "bilinear"
+    quality: int = 95
+    workers: int = 4
+
+
+@dataclass
 class DataConfig:
     name: str = "isic"
     root: str = "data/raw/isic"
@@ -88,6 +124,7 @@ class DataConfig:
     test_fraction: float = 0.15
     seed: int = 42
     workers: int = 8
+    cache: CacheConfig = field(default_factory=CacheConfig)
     demo: Optional[DemoConfig] = None
 
 
@@ -123,9 +160,41 @@ def _check_data(data: Any) -> None:
             )
         if not 0.0 <= demo.isic2018_share <= 1.0:
             raise ConfigError(f"data.demo.isic2018_share must be in [0, 1], got {demo.isic2018_share}")
+    _check_cache(data.cache)
 
 
-CHECKS = {"data": _check_data}
+FILL_MODES = ("constant", "nearest", "reflect", "wrap")
+
+
+def _check_augment(augment: Any) -> None:
+    for key in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range"):
+        if augment[key] < 0:
+            raise ConfigError(f"augment.{key} must be >= 0, got {augment[key]}")
+    zoom = augment.zoom_range
+    if isinstance(zoom, (int, float)):
+        if not 0 <= zoom < 1:
+            raise ConfigError(f"augment.zoom_range as a float must be in [0, 1), got {zoom}")
+    elif len(zoom) != 2 or not 0 < zoom[0] <= zoom[1]:
+        raise ConfigError(f"augment.zoom_range must be a float or a [lo, hi] pair with 0 < lo <= hi, got {list(zoom)}")
+    brightness = augment.brightness_range
+    if brightness is not None and (len(brightness) != 2 or not 0 <= brightness[0] <= brightness[1]):
+        raise ConfigError(f"augment.brightness_range must be null or [lo, hi] with 0 <= lo <= hi, got {list(brightness)}")
+    if augment.fill_mode not in FILL_MODES:
+        raise ConfigError(f"augment.fill_mode must be one of {', '.join(FILL_MODES)}, got {augment.fill_mode!r}")
+
+
+def _check_cache(cache: Any) -> None:
+    from dermascan.data.cache import METHODS
+
+    if cache.method not in METHODS:
+        raise ConfigError(f"data.cache.method must be one of {', '.join(METHODS)}, got {cache.method!r}")
+    if not 32 <= cache.size <= 4096:
+        raise ConfigError(f"data.cache.size must be in [32, 4096], got {cache.size}")
+    if not 1 <= cache.quality <= 100:
+        raise ConfigError(f"data.cache.quality must be in [1, 100], got {cache.quality}")
+
+
+CHECKS = {"data": _check_data, "augment": _check_augment}
 
 
 def validate(cfg: DictConfig, schema: type) -> DictConfig:

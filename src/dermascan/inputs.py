@@ -1,0 +1,180 @@
+"""Input pipelines over the manifest: decode, resize, augment, batch, prefetch.
+
+Both engines read the resize cache (``dermascan.data.cache``), never the
+originals, and yield ``(images, labels)`` batches: float32 images of shape
+[B, S, S, 3] with raw 0-255 pixels (preprocessing lives inside the model),
+and one-hot float32 labels in ``classes.CODES`` order.
+
+- ``fast``: ``tf.data`` with parallel decode, a bounded shuffle buffer (the
+  training set never has to fit in memory), IDG-equivalent augmentation per
+  batch (``augment.py``) and prefetch. Augmentation runs in the pipeline
+  (``device=cpu``) or is left to the model's ``IDGAugmentation`` layer
+  (``device=accelerator``), so that on a GPU the CPU only decodes.
+- ``legacy``: Keras' ``ImageDataGenerator.flow_from_dataframe``, as the
+  reference recipe used it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from dermascan.augment import AugmentParams, augment_batch_cpu
+from dermascan.classes import CODES, INDEX
+from dermascan.data.cache import build_cache
+from dermascan.data.images import check_image
+from dermascan.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    image_size: int = 224
+    batch_size: int = 32
+    engine: str = "fast"  # fast | legacy
+    augment_in_pipeline: bool = True  # False: the model's IDGAugmentation layer augments
+    shuffle_buffer: int = 4096
+    seed: int = 42
+    deterministic: bool = True
+
+
+def label_indices(labels: Sequence[str]) -> np.ndarray:
+    unknown = sorted({label for label in labels if label not in INDEX})
+    if unknown:
+        raise DataError(f"labels outside the 8 classes cannot be trained on: {unknown}")
+    return np.array([INDEX[label] for label in labels], dtype=np.int32)
+
+
+def decode(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Read one cached JPEG as uint8 [S, S, 3]; resize if the cache holds another size."""
+    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method="INTEGER_ACCURATE")
+    shape = tf.shape(image)
+    if_resize = tf.logical_or(shape[0] != image_size, shape[1] != image_size)
+    image = tf.cond(
+        if_resize,
+        lambda: tf.cast(tf.round(tf.image.resize(image, [image_size, image_size], method="bilinear")), tf.uint8),
+        lambda: image,
+    )
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def fast_dataset(
+    paths: Sequence[str],
+    labels: Sequence[str],
+    spec: PipelineSpec,
+    params: AugmentParams,
+    training: bool,
+) -> tf.data.Dataset:
+    """The ``fast`` engine: a tf.data pipeline over cached images."""
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), label_indices(labels)))
+    if training:
+        ds = ds.shuffle(min(len(paths), spec.shuffle_buffer), seed=spec.seed, reshuffle_each_iteration=True)
+    size = spec.image_size
+    ds = ds.map(
+        lambda path, label: (decode(path, size), tf.one_hot(label, len(CODES), dtype=tf.float32)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=spec.deterministic,
+    )
+    ds = ds.batch(spec.batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.deterministic)
+    if training and spec.augment_in_pipeline and params.active:
+        seeds = tf.data.Dataset.random(seed=spec.seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda batch, seed: (augment_batch_cpu(batch[0], params, seed), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=spec.deterministic,
+        )
+    else:
+        ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def legacy_iterator(
+    paths: Sequence[str],
+    labels: Sequence[str],
+    spec: PipelineSpec,
+    params: AugmentParams,
+    training: bool,
+) -> Any:
+    """The ``legacy`` engine: ImageDataGenerator.flow_from_dataframe."""
+    from tensorflow.keras.preprocessing.image import ImageDataGenerator  # deprecated; only here
+
+    label_indices(labels)
+    generator = ImageDataGenerator(**params.idg_kwargs()) if training else ImageDataGenerator()
+    frame = pd.DataFrame({"path": list(paths), "label": list(labels)})
+    return generator.flow_from_dataframe(
+        frame,
+        x_col="path",
+        y_col="label",
+        classes=list(CODES),
+        class_mode="categorical",
+        target_size=(spec.image_size, spec.image_size),
+        batch_size=spec.batch_size,
+        shuffle=training,
+        seed=spec.seed,
+        interpolation="bilinear",
+        validate_filenames=False,
+    )
+
+
+def make_inputs(
+    frame: pd.DataFrame,
+    spec: PipelineSpec,
+    params: AugmentParams,
+    training: bool,
+    cache: dict[str, Any],
+) -> Any:
+    """Cache the images of ``frame`` (manifest rows) and return the chosen engine's batches.
+
+    ``cache`` holds ``dir``, ``size``, ``method``, ``quality`` and ``workers``.
+    """
+    if frame.empty:
+        raise DataError("no images to build an input pipeline from")
+    paths = build_cache(
+        frame["image_id"],
+        frame["path"],
+        cache["dir"],
+        int(cache["size"]),
+        method=cache["method"],
+        quality=int(cache["quality"]),
+        workers=int(cache["workers"]),
+    )
+    labels = list(frame["label"])
+    if spec.engine == "legacy":
+        return legacy_iterator(paths, labels, spec, params, training)
+    if spec.engine != "fast":
+        raise DataError(f"unknown augment.engine {spec.engine!r}; expected fast or legacy")
+    return fast_dataset(paths, labels, spec, params, training)
+
+
+def diagnose(paths: Sequence[str]) -> Optional[DataError]:
+    """After a decode error inside tf.data: find the broken file(s) and name them.
+
+    tf.data's own error does not say which file failed to decode. This
+    checks every file by a full decode and returns a DataError naming the
+    broken ones, or None if all decode.
+    """
+    broken = [f"{path}: {reason}" for path in paths if (reason := check_image(path, "decode"))]
+    if not broken:
+        return None
+    shown = "\n  ".join(broken[:5])
+    return DataError(
+        f"{len(broken)} cached image(s) cannot be decoded:\n  {shown}\n"
+        "Delete them from the cache; they are rebuilt from the originals on the next run."
+    )
+
+
+def iterate(dataset: tf.data.Dataset, paths: Sequence[str]):
+    """Iterate a fast dataset; a decode failure becomes a DataError naming the file."""
+    try:
+        yield from dataset
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError) as err:
+        found = diagnose(paths)
+        if found is None:
+            raise DataError(f"the input pipeline failed: {err.message}") from None
+        raise found from None

@@ -1,0 +1,125 @@
+"""Input pipelines over a manifest of the real sample images."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermascan.augment import AugmentParams
+from dermascan.classes import CODES
+from dermascan.config import IngestConfig
+from dermascan.data.cache import build_cache, cache_folder
+from dermascan.errors import DataError
+from dermascan.ingest import ingest
+from dermascan.inputs import PipelineSpec, iterate, make_inputs
+
+from .conftest import compose_config
+
+PARAMS = AugmentParams.from_config(
+    dict(rotation_range=180, width_shift_range=0.1, height_shift_range=0.1, zoom_range=0.2,
+         shear_range=10, horizontal_flip=True, vertical_flip=True, brightness_range=[0.8, 1.2], fill_mode="reflect")
+)
+
+
+@pytest.fixture
+def manifest(small_root, tmp_path) -> pd.DataFrame:
+    cfg = compose_config(
+        "ingest",
+        ["data=isic", f"data.root={small_root}", f"data.processed_dir={tmp_path / 'out'}",
+         "data.releases=[isic2019_train]"],
+        IngestConfig,
+    )
+    return ingest(cfg).manifest
+
+
+def cache_settings(tmp_path, size=224) -> dict:
+    return {"dir": str(tmp_path / "cache"), "size": size, "method": "bilinear", "quality": 95, "workers": 2}
+
+
+@pytest.mark.parametrize("engine", ["fast", "legacy"])
+def test_both_engines_yield_raw_pixel_batches_with_labels_in_class_order(manifest, tmp_path, engine):
+    train = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    spec = PipelineSpec(image_size=224, batch_size=16, engine=engine, seed=1)
+
+    evaluation = make_inputs(train, spec, PARAMS, training=False, cache=cache_settings(tmp_path))
+    images, labels = next(iter(evaluation)) if engine == "fast" else evaluation[0]
+    images, labels = np.asarray(images), np.asarray(labels)
+    assert images.shape == (16, 224, 224, 3) and images.dtype == np.float32
+    assert labels.shape == (16, 8) and labels.dtype == np.float32
+    assert 0 <= images.min() and images.max() <= 255 and images.max() > 200  # raw pixels, not rescaled
+    assert (labels.sum(axis=1) == 1).all()
+    # Unshuffled: row i is manifest row i, and column j is CODES[j].
+    assert [CODES[j] for j in labels.argmax(axis=1)] == list(train["label"][:16])
+
+    training = make_inputs(train, spec, PARAMS, training=True, cache=cache_settings(tmp_path))
+    images, labels = next(iter(training)) if engine == "fast" else training[0]
+    images = np.asarray(images)
+    assert images.shape == (16, 224, 224, 3) and images.dtype == np.float32
+    assert 0 <= images.min() and images.max() <= 255
+
+
+def test_fast_pipeline_is_reproducible_with_a_seed(manifest, tmp_path):
+    train = manifest[manifest["split"] == "train"]
+
+    def first_batch(seed):
+        spec = PipelineSpec(batch_size=8, seed=seed)
+        images, labels = next(iter(make_inputs(train, spec, PARAMS, True, cache_settings(tmp_path))))
+        return images.numpy(), labels.numpy()
+
+    a, b, c = first_batch(5), first_batch(5), first_batch(6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert np.abs(a[0] - c[0]).max() > 10
+
+
+def test_epochs_reshuffle_and_reaugment(manifest, tmp_path):
+    train = manifest[manifest["split"] == "train"]
+    ds = make_inputs(train, PipelineSpec(batch_size=8, seed=0), PARAMS, True, cache_settings(tmp_path))
+    epoch1, epoch2 = next(iter(ds))[0].numpy(), next(iter(ds))[0].numpy()
+    assert np.abs(epoch1 - epoch2).max() > 10
+
+
+def test_second_pass_reads_the_cache_not_the_originals(manifest, tmp_path):
+    settings = cache_settings(tmp_path, size=96)
+    spec = PipelineSpec(image_size=96, batch_size=32)
+    first = [x.numpy() for x, _ in make_inputs(manifest, spec, PARAMS, False, settings)]
+    folder = cache_folder(settings["dir"], 96, "bilinear")
+    assert len(list(folder.glob("*.jpg"))) == len(manifest)
+
+    originals = manifest["path"].map(lambda p: str(p)).iloc[0].rsplit("/", 1)[0]
+    shutil.move(originals, originals + ".gone")  # no original can be read any more
+    second = [x.numpy() for x, _ in make_inputs(manifest, spec, PARAMS, False, settings)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+
+
+def test_cache_is_keyed_by_size_and_method(manifest, tmp_path):
+    rows = manifest.head(3)
+    a = build_cache(rows["image_id"], rows["path"], tmp_path / "c", 64, "bilinear")
+    b = build_cache(rows["image_id"], rows["path"], tmp_path / "c", 64, "lanczos")
+    c = build_cache(rows["image_id"], rows["path"], tmp_path / "c", 80, "bilinear")
+    assert len({p.rsplit("/", 2)[1] for p in a + b + c}) == 3
+    from PIL import Image
+
+    assert Image.open(c[0]).size == (80, 80)
+
+
+def test_original_broken_after_ingestion_is_named(manifest, tmp_path):
+    victim = manifest["path"].iloc[4]
+    with open(victim, "r+b") as handle:
+        handle.truncate(300)
+    with pytest.raises(DataError, match=victim.replace(".", r"\.")):
+        make_inputs(manifest, PipelineSpec(), PARAMS, False, cache_settings(tmp_path))
+
+
+def test_cached_file_broken_later_is_named_not_a_tf_data_traceback(manifest, tmp_path):
+    settings = cache_settings(tmp_path, size=64)
+    spec = PipelineSpec(image_size=64, batch_size=16)
+    ds = make_inputs(manifest, spec, PARAMS, False, settings)
+    cached = sorted(cache_folder(settings["dir"], 64, "bilinear").glob("*.jpg"))
+    cached[10].write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=cached[10].name):
+        for _ in iterate(ds, [str(p) for p in cached]):
+            pass
