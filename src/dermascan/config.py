@@ -134,6 +134,112 @@ class IngestConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+@dataclass
+class HeadConfig:
+    units: list[int] = field(default_factory=lambda: [512, 256])
+    dropout: list[float] = field(default_factory=lambda: [0.4, 0.3])
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mobilenet_v2"
+    alpha: float = 1.0
+    image_size: int = 224
+    weights: Optional[str] = "imagenet"  # imagenet, null, or a local weights file
+    freeze_bn: Optional[bool] = None  # null: true with pretrained weights, false from scratch
+    bn_momentum: Optional[float] = None
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+class Strategy(str, Enum):
+    auto = "auto"
+    none = "none"
+    mirrored = "mirrored"
+    multi_worker = "multi_worker"
+
+
+@dataclass
+class Phase1Config:
+    epochs: int = 5
+    lr: float = 1e-3
+
+
+@dataclass
+class Phase2Config:
+    epochs: int = 25
+    lr: float = 1e-4
+    warmup_epochs: int = 1
+    min_lr_fraction: float = 0.0  # CosineDecay alpha
+    unfreeze_from: Any = None  # null (all), a layer index, or a layer name
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # per replica; the global batch is this times the replicas
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    label_smoothing: float = 0.0
+    class_weight: str = "balanced"
+    monitor: str = "val_balanced_accuracy"
+    monitor_mode: str = "max"
+    patience: int = 5
+    precision: Precision = Precision.auto
+    jit_compile: Any = "auto"
+    strategy: Strategy = Strategy.auto
+    devices: Optional[list[str]] = None  # for mirrored: e.g. [/cpu:0, /cpu:1]
+    deterministic: bool = False
+    shuffle_buffer: int = 4096
+    steps_per_epoch: Optional[int] = None  # null: the whole train split each epoch
+    verbose: int = 2
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = "test"
+    batch_size: int = 64
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "dermascan"
+    artifact_location: Optional[str] = None
+    run_name: Optional[str] = None
+    log_model: bool = True
+    register: bool = False
+    model_name: str = "dermascan"
+    timeout_s: int = 10
+
+
+@dataclass
+class RunConfig:
+    """``python -m dermascan.train``: every stage's group, plus the run's own keys."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 42
+    run_dir: str = "???"
+
+
 def _check_data(data: Any) -> None:
     for key in ("val_fraction", "test_fraction"):
         value = data[key]
@@ -194,7 +300,46 @@ def _check_cache(cache: Any) -> None:
         raise ConfigError(f"data.cache.quality must be in [1, 100], got {cache.quality}")
 
 
-CHECKS = {"data": _check_data, "augment": _check_augment}
+def _check_train(train: Any) -> None:
+    if train.phase1.epochs < 0 or train.phase2.epochs < 0 or train.phase1.epochs + train.phase2.epochs < 1:
+        raise ConfigError(
+            f"train.phase1.epochs and train.phase2.epochs must be >= 0 and train at least one epoch, "
+            f"got {train.phase1.epochs} and {train.phase2.epochs}"
+        )
+    if train.phase2.warmup_epochs > train.phase2.epochs:
+        raise ConfigError(
+            f"train.phase2.warmup_epochs ({train.phase2.warmup_epochs}) exceeds train.phase2.epochs ({train.phase2.epochs})"
+        )
+    if train.class_weight not in ("balanced", "none"):
+        raise ConfigError(f"train.class_weight must be balanced or none, got {train.class_weight!r}")
+    if train.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"train.monitor_mode must be min or max, got {train.monitor_mode!r}")
+    if train.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {train.batch_size}")
+    if train.jit_compile not in ("auto", True, False):
+        raise ConfigError(f"train.jit_compile must be auto, true or false, got {train.jit_compile!r}")
+    unfreeze_from = train.phase2.unfreeze_from
+    if unfreeze_from is not None and not isinstance(unfreeze_from, (int, str)):
+        raise ConfigError(f"train.phase2.unfreeze_from must be null, a layer index or a layer name, got {unfreeze_from!r}")
+
+
+def _check_model(model: Any) -> None:
+    from dermascan.model import BACKBONES
+
+    if model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {model.backbone!r}")
+    if len(model.head.units) != len(model.head.dropout):
+        raise ConfigError(
+            f"model.head.units and model.head.dropout must have the same length, got "
+            f"{list(model.head.units)} and {list(model.head.dropout)}"
+        )
+    if any(not 0 <= rate < 1 for rate in model.head.dropout):
+        raise ConfigError(f"model.head.dropout rates must be in [0, 1), got {list(model.head.dropout)}")
+    if model.image_size < 32:
+        raise ConfigError(f"model.image_size must be >= 32, got {model.image_size}")
+
+
+CHECKS = {"data": _check_data, "augment": _check_augment, "train": _check_train, "model": _check_model}
 
 
 def validate(cfg: DictConfig, schema: type) -> DictConfig:

@@ -1,0 +1,250 @@
+"""Two-phase training: callbacks, schedules, class weights, resume.
+
+Phase 1 trains the head with the backbone frozen (Adam, constant rate).
+Phase 2 unfreezes the backbone, recompiles, and fine-tunes with Adam and
+``CosineDecay`` over the phase's steps, with optional linear warmup. Both
+phases log to one continuous epoch axis. Early stopping and the best
+checkpoint watch ``train.monitor`` (default ``val_balanced_accuracy``,
+computed in Keras' own validation pass by ``BalancedAccuracy``).
+
+Resume: each phase runs under ``BackupAndRestore``; a finished phase leaves
+its weights and a line in ``state.json``. Starting again with the same run
+directory skips what is done and continues mid-phase at the next epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import keras
+import pandas as pd
+import tensorflow as tf
+
+from dermascan.classes import CODES
+from dermascan.model import unfreeze
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+HISTORY = "history.csv"
+BEST = "checkpoints/best.keras"
+
+
+@keras.saving.register_keras_serializable(package="dermascan")
+class BalancedAccuracy(keras.metrics.Metric):
+    """Mean per-class recall of the argmax prediction (the official ISIC metric).
+
+    Accumulates a confusion matrix; classes absent from the truth are left
+    out of the mean, as in scikit-learn's ``balanced_accuracy_score``.
+    Sample weights (class weights) are ignored: the metric is balanced by
+    construction.
+    """
+
+    def __init__(self, num_classes: int = len(CODES), name: str = "balanced_accuracy", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.matrix = self.add_variable(
+            shape=(num_classes, num_classes), initializer="zeros", dtype="float32", name="confusion"
+        )
+
+    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Optional[tf.Tensor] = None) -> None:
+        truth = tf.argmax(y_true, axis=-1)
+        predicted = tf.argmax(y_pred, axis=-1)
+        self.matrix.assign_add(
+            tf.math.confusion_matrix(truth, predicted, num_classes=self.num_classes, dtype=tf.float32)
+        )
+
+    def result(self) -> tf.Tensor:
+        support = tf.reduce_sum(self.matrix, axis=1)
+        present = support > 0
+        recall = tf.math.divide_no_nan(tf.linalg.diag_part(self.matrix), support)
+        return tf.math.divide_no_nan(
+            tf.reduce_sum(tf.where(present, recall, 0.0)), tf.reduce_sum(tf.cast(present, tf.float32))
+        )
+
+    def reset_state(self) -> None:
+        self.matrix.assign(tf.zeros_like(self.matrix))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+@dataclass
+class PhasePlan:
+    number: int
+    epochs: int
+    initial_epoch: int
+    learning_rate: Any
+
+
+def compile_model(model: keras.Model, learning_rate: Any, label_smoothing: float, jit_compile: Any) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="top1_accuracy"), BalancedAccuracy()],
+        jit_compile=jit_compile,
+    )
+
+
+def cosine_schedule(lr: float, steps: int, warmup_steps: int, min_lr_fraction: float) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Cosine decay over ``steps``, after ``warmup_steps`` of linear warmup to ``lr``."""
+    if warmup_steps > 0:
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0,
+            decay_steps=max(1, steps - warmup_steps),
+            alpha=min_lr_fraction,
+            warmup_target=lr,
+            warmup_steps=warmup_steps,
+        )
+    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, steps), alpha=min_lr_fraction)
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(run_dir / STATE)
+
+
+def best_so_far(run_dir: Path, monitor: str, mode: str) -> Optional[float]:
+    """The best monitored value in the history written so far (for a resumed checkpoint)."""
+    path = run_dir / HISTORY
+    if not path.is_file():
+        return None
+    history = pd.read_csv(path)
+    if monitor not in history or history[monitor].dropna().empty:
+        return None
+    return float(history[monitor].max() if mode == "max" else history[monitor].min())
+
+
+class PhaseLogger(keras.callbacks.Callback):
+    """Adds the phase number and learning rate to each epoch's logs."""
+
+    def __init__(self, phase: int) -> None:
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict[str, Any]] = None) -> None:
+        if logs is None:
+            return
+        logs["phase"] = float(self.phase)
+        optimizer = self.model.optimizer
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def run_phases(
+    model: keras.Model,
+    base: keras.Model,
+    train_data: Any,
+    val_data: Any,
+    train_cfg: Any,
+    run_dir: Path,
+    steps_per_epoch: int,
+    class_weight: Optional[dict[int, float]],
+    jit_compile: Any,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict[str, Any]:
+    """Train both phases (or what is left of them) and return the run's training record."""
+    state = read_state(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(run_dir / BEST),
+        monitor=train_cfg.monitor,
+        mode=train_cfg.monitor_mode,
+        save_best_only=True,
+        initial_value_threshold=best_so_far(run_dir, train_cfg.monitor, train_cfg.monitor_mode),
+    )
+
+    def callbacks(phase: int) -> list[keras.callbacks.Callback]:
+        return [
+            PhaseLogger(phase),
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.BackupAndRestore(str(run_dir / "backup" / f"phase{phase}")),
+            keras.callbacks.EarlyStopping(
+                monitor=train_cfg.monitor,
+                mode=train_cfg.monitor_mode,
+                patience=train_cfg.patience,
+                restore_best_weights=True,
+            ),
+            checkpoint,
+            keras.callbacks.CSVLogger(str(run_dir / HISTORY), append=True),
+            *extra_callbacks,
+        ]
+
+    e1, e2 = train_cfg.phase1.epochs, train_cfg.phase2.epochs
+    phase1_weights = run_dir / "checkpoints" / "phase1_end.weights.h5"
+
+    if "phase1_epochs" not in state:
+        if e1 > 0:
+            log.info("phase 1: head only, backbone frozen, %d epoch(s) at lr %g", e1, train_cfg.phase1.lr)
+            compile_model(model, train_cfg.phase1.lr, train_cfg.label_smoothing, jit_compile)
+            history = model.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=e1,
+                steps_per_epoch=steps_per_epoch,
+                class_weight=class_weight,
+                callbacks=callbacks(1),
+                verbose=train_cfg.verbose,
+            )
+            done = _epochs_done(run_dir, history, phase=1)
+        else:
+            done = 0
+        model.save_weights(str(phase1_weights))
+        state["phase1_epochs"] = done
+        write_state(run_dir, state)
+    elif "phase2_epochs" not in state:
+        log.info("phase 1 already done (%d epochs): loading its weights", state["phase1_epochs"])
+        model.load_weights(str(phase1_weights))
+
+    start = state["phase1_epochs"]
+    if "phase2_epochs" not in state:
+        if e2 > 0:
+            trainable = unfreeze(base, train_cfg.phase2.unfreeze_from)
+            steps = steps_per_epoch * e2
+            warmup = steps_per_epoch * train_cfg.phase2.warmup_epochs
+            schedule = cosine_schedule(train_cfg.phase2.lr, steps, warmup, train_cfg.phase2.min_lr_fraction)
+            log.info(
+                "phase 2: fine-tuning %d backbone layer(s), %d epoch(s), cosine decay from lr %g over %d steps "
+                "(%d warmup)",
+                trainable, e2, train_cfg.phase2.lr, steps, warmup,
+            )
+            compile_model(model, schedule, train_cfg.label_smoothing, jit_compile)
+            history = model.fit(
+                train_data,
+                validation_data=val_data,
+                initial_epoch=start,
+                epochs=start + e2,
+                steps_per_epoch=steps_per_epoch,
+                class_weight=class_weight,
+                callbacks=callbacks(2),
+                verbose=train_cfg.verbose,
+            )
+            done = _epochs_done(run_dir, history, phase=2)
+        else:
+            done = 0
+        state["phase2_epochs"] = done
+        write_state(run_dir, state)
+    return state
+
+
+def _epochs_done(run_dir: Path, history: keras.callbacks.History, phase: int) -> int:
+    """Epochs this phase has run in total, across interruptions (from history.csv)."""
+    frame = pd.read_csv(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else pd.DataFrame()
+    if "phase" in frame:
+        return int((frame["phase"] == phase).sum())
+    return len(history.epoch)
+
+
+def steps_for(n_images: int, global_batch: int, configured: Optional[int]) -> int:
+    full = max(1, math.ceil(n_images / global_batch))
+    return min(configured, full) if configured else full

@@ -1,0 +1,160 @@
+"""The classifier: a keras.applications backbone and the recipe's head.
+
+    raw RGB 0-255 -> [augmentation, training only] -> backbone preprocessing
+    -> backbone (called with training=False) -> GAP -> Dense 512 -> BN -> ReLU
+    -> Dropout -> Dense 256 -> BN -> ReLU -> Dropout -> Dense 8 -> softmax (float32)
+
+Preprocessing lives inside the model, so the server, the phone and the
+evaluation all feed the same raw pixels. The backbone is called with
+``training=False``, so its BatchNorm layers stay in inference mode when it
+is unfrozen for fine-tuning (the Keras transfer-learning recipe).
+
+A new backbone is one entry in ``BACKBONES``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import keras
+
+from dermascan.classes import CODES
+from dermascan.errors import ConfigError, DermascanError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    build: Callable[..., keras.Model]
+    # Raw 0-255 pixels -> what the backbone expects, as a serialisable layer.
+    preprocessing: Callable[[], Optional[keras.layers.Layer]]
+    takes_alpha: bool = False
+
+
+def _scale_to_minus_one_one() -> keras.layers.Layer:
+    return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
+
+
+BACKBONES: dict[str, Backbone] = {
+    # mobilenet_v2.preprocess_input: x / 127.5 - 1.
+    "mobilenet_v2": Backbone(keras.applications.MobileNetV2, _scale_to_minus_one_one, takes_alpha=True),
+    # EfficientNet and MobileNetV3 rescale raw 0-255 pixels themselves.
+    "efficientnet_b0": Backbone(keras.applications.EfficientNetB0, lambda: None),
+    "mobilenet_v3_small": Backbone(
+        lambda **kw: keras.applications.MobileNetV3Small(include_preprocessing=True, **kw),
+        lambda: None,
+        takes_alpha=True,
+    ),
+}
+
+
+class WeightsError(DermascanError):
+    """The backbone's weights could not be downloaded or loaded."""
+
+
+def _weights_argument(weights: Optional[str]) -> Optional[str]:
+    if weights in (None, "imagenet"):
+        return weights
+    if not os.path.isfile(weights):
+        raise ConfigError(f"model.weights: no weights file at {weights}")
+    return weights
+
+
+def build_backbone(name: str, image_size: int, weights: Optional[str], alpha: float = 1.0) -> keras.Model:
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {name!r}")
+    spec = BACKBONES[name]
+    kwargs: dict[str, Any] = {"include_top": False, "input_shape": (image_size, image_size, 3)}
+    if spec.takes_alpha:
+        kwargs["alpha"] = alpha
+    source = _weights_argument(weights)
+    try:
+        return spec.build(weights=source, **kwargs)
+    except (OSError, ValueError) as err:  # urllib errors are OSErrors; bad files raise ValueError
+        if weights == "imagenet":
+            raise WeightsError(
+                f"could not download the ImageNet weights for {name} ({err}). Offline? Use "
+                "model.weights=null to train from scratch, or model.weights=/path/to/weights.h5 "
+                "for a local copy of the weights file."
+            ) from None
+        raise WeightsError(f"could not load model.weights={weights} into {name}: {err}") from None
+
+
+def build_model(
+    backbone: str = "mobilenet_v2",
+    image_size: int = 224,
+    weights: Optional[str] = "imagenet",
+    alpha: float = 1.0,
+    units: Sequence[int] = (512, 256),
+    dropout: Sequence[float] = (0.4, 0.3),
+    augmentation: Optional[keras.layers.Layer] = None,
+    freeze_bn: Optional[bool] = None,
+    bn_momentum: Optional[float] = None,
+    num_classes: int = len(CODES),
+) -> tuple[keras.Model, keras.Model]:
+    """Return (model, backbone). The backbone starts frozen (phase 1).
+
+    ``freeze_bn`` (default: True unless ``weights`` is None) calls the
+    backbone with ``training=False``. That keeps pretrained BatchNorm
+    statistics intact; a backbone trained from scratch has no statistics
+    worth keeping, and its BatchNorm layers must learn them. ``bn_momentum``
+    overrides the backbone's BatchNorm momentum (MobileNetV2 uses 0.999,
+    too slow for moving statistics to settle in a short run from scratch).
+    """
+    if len(units) != len(dropout):
+        raise ConfigError(f"model.head.units and model.head.dropout differ in length: {list(units)} vs {list(dropout)}")
+    base = build_backbone(backbone, image_size, weights, alpha)
+    base.trainable = False
+    if bn_momentum is not None:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    if augmentation is not None:
+        x = augmentation(x)
+    preprocessing = BACKBONES[backbone].preprocessing()
+    if preprocessing is not None:
+        x = preprocessing(x)
+    if freeze_bn is None:
+        freeze_bn = weights is not None
+    x = base(x, training=False) if freeze_bn else base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    for i, (width, rate) in enumerate(zip(units, dropout), start=1):
+        x = keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn_{i}")(x)
+        x = keras.layers.Activation("relu", name=f"relu_{i}")(x)
+        x = keras.layers.Dropout(rate, name=f"dropout_{i}")(x)
+    x = keras.layers.Dense(num_classes, name="logits")(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name=f"dermascan_{backbone}")
+    return model, base
+
+
+def unfreeze(base: keras.Model, from_layer: Optional[int | str] = None) -> int:
+    """Phase 2: make the backbone trainable from ``from_layer`` (index or name) on.
+
+    Returns the number of trainable backbone layers. BatchNorm layers are
+    unfrozen like the rest (their scale and offset train) but, because the
+    backbone is called with ``training=False``, their moving statistics stay
+    as they are.
+    """
+    base.trainable = True
+    if from_layer is None:
+        return len(base.layers)
+    names = [layer.name for layer in base.layers]
+    if isinstance(from_layer, str):
+        if from_layer not in names:
+            raise ConfigError(f"train.phase2.unfreeze_from: no layer {from_layer!r} in the backbone")
+        start = names.index(from_layer)
+    else:
+        start = from_layer if from_layer >= 0 else len(names) + from_layer
+        if not 0 <= start < len(names):
+            raise ConfigError(f"train.phase2.unfreeze_from={from_layer} is outside the backbone's {len(names)} layers")
+    for layer in base.layers[:start]:
+        layer.trainable = False
+    return len(names) - start

@@ -1,0 +1,163 @@
+"""Everything that talks to MLflow.
+
+One MLflow run per training run, in one store shared by all runs (default
+``sqlite:///runs/mlflow.db``; ``mlflow ui --backend-store-uri
+sqlite:///runs/mlflow.db`` opens it). The run is named after the Hydra
+output directory. Metrics are logged explicitly, per epoch and at the end;
+``mlflow.tensorflow.autolog`` is not used (it crashes ``fit`` without
+tensorboard), nor ``mlflow.keras.MlflowCallback`` (it logs the optimizer's
+settings as params at every ``fit``, and MLflow refuses to change a param,
+which phase 2's new learning rate would).
+
+With ``tracking.enabled=false`` every function here does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import keras
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from dermascan.errors import DermascanError
+
+log = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id.txt"
+MAX_PARAM_LENGTH = 6000
+
+
+class TrackingError(DermascanError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_store(tracking: DictConfig) -> None:
+    """Fail fast, before any training, if the tracking store is unusable."""
+    if not tracking.enabled:
+        return
+    uri = tracking.uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        return
+    if _is_remote(uri):
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=tracking.timeout_s)
+            response.raise_for_status()
+        except requests.RequestException as err:
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} is not reachable ({err}). Start it, fix "
+                "tracking.uri, or run with tracking.enabled=false."
+            ) from None
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Every resolved config value as one MLflow param, keyed by its dotted path."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = str(node)[:MAX_PARAM_LENGTH]
+
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
+    return out
+
+
+@contextmanager
+def run(cfg: DictConfig, run_dir: Path, run_name: str) -> Iterator[Optional[str]]:
+    """Start (or, for a resumed run dir, reopen) the MLflow run; yield its id."""
+    tracking = cfg.tracking
+    if not tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(tracking.timeout_s))
+    mlflow.set_tracking_uri(tracking.uri)
+    experiment = mlflow.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        location = None
+        if tracking.artifact_location and not _is_remote(tracking.uri):
+            location = Path(tracking.artifact_location).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    id_file = run_dir / RUN_ID_FILE
+    resume_id = id_file.read_text().strip() if id_file.is_file() else None
+    with mlflow.start_run(run_id=resume_id, experiment_id=None if resume_id else experiment_id, run_name=run_name) as active:
+        id_file.write_text(active.info.run_id)
+        if resume_id is None:
+            params = flatten(cfg)
+            items = list(params.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i : i + 100]))
+            mlflow.set_tags({"run_dir": str(run_dir.resolve()), "stage": "train"})
+        log.info("MLflow run %s (%s) in experiment %r at %s", run_name, active.info.run_id, tracking.experiment, tracking.uri)
+        yield active.info.run_id
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Logs each epoch's metrics to the active MLflow run, step = epoch (continuous across phases)."""
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict[str, Any]] = None) -> None:
+        import mlflow
+
+        if logs:
+            mlflow.log_metrics({k: float(v) for k, v in logs.items() if np.isfinite(float(v))}, step=epoch)
+
+
+def log_metrics(metrics: dict[str, Optional[float]], prefix: str) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items() if v is not None})
+
+
+def log_artifacts(paths: list[Path], artifact_path: Optional[str] = None) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    for path in paths:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=path.name if artifact_path is None else artifact_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_model(model: keras.Model, example: np.ndarray, tracking: DictConfig) -> Optional[str]:
+    """Log the model with a signature; register it if asked. Returns the registered version."""
+    import mlflow
+    import tensorflow as tf
+
+    from dermascan import __version__
+
+    if mlflow.active_run() is None or not tracking.log_model:
+        return None
+    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
+    info = mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=signature,
+        registered_model_name=tracking.model_name if tracking.register else None,
+        # Explicit requirements: MLflow's inference of them imports and times out slowly.
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"dermascan=={__version__}"],
+    )
+    version = getattr(info, "registered_model_version", None)
+    if version is not None:
+        log.info("registered model %s version %s", tracking.model_name, version)
+    return None if version is None else str(version)

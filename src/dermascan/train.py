@@ -1,0 +1,226 @@
+"""``python -m dermascan.train``: ingest -> train (two phases) -> evaluate -> export.
+
+    python -m dermascan.train                                  # the offline demo
+    python -m dermascan.train experiment=isic data.root=DIR    # the recipe on ISIC data
+    python -m dermascan.train -m train.phase2.lr=1e-4,3e-5     # a sweep, one MLflow run each
+
+``train(cfg)`` does the work and returns ``(metrics, artifacts)``; tests call
+it with a composed config. Everything lands in ``cfg.run_dir`` and in one
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import hydra
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+
+from dermascan import cli, tracking
+from dermascan.augment import AugmentParams, IDGAugmentation, resolve_device
+from dermascan.class_weights import class_weights, format_table, keras_class_weight, save
+from dermascan.config import RunConfig, config_dir
+from dermascan.errors import ConfigError
+from dermascan.evaluate import evaluate_split
+from dermascan.export import export
+from dermascan.fit import BEST, HISTORY, run_phases, steps_for
+from dermascan.ingest import ingest
+from dermascan.inputs import PipelineSpec, make_inputs
+from dermascan.model import build_model
+from dermascan.plots import training_curves
+
+log = logging.getLogger("dermascan.train")
+
+
+def select_strategy(train_cfg: DictConfig) -> tf.distribute.Strategy:
+    """``train.strategy``: auto (mirrored on several GPUs), none, mirrored, multi_worker."""
+    name = train_cfg.strategy.value
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=list(train_cfg.devices) if train_cfg.devices else None)
+    if "TF_CONFIG" not in os.environ:
+        raise ConfigError("train.strategy=multi_worker needs the TF_CONFIG environment variable (see README)")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief() -> bool:
+    """In multi-worker training, only the chief logs, checkpoints for keeps and exports."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = config.get("task", {})
+    if not task:
+        return True
+    return task.get("type") == "chief" or (task.get("type") == "worker" and task.get("index") == 0 and "chief" not in config.get("cluster", {}))
+
+
+def select_precision(train_cfg: DictConfig) -> str:
+    policy = train_cfg.precision.value
+    if policy == "auto":
+        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    return policy
+
+
+def run_name(cfg: DictConfig, run_dir: Path) -> str:
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    runs = Path(cfg.paths.runs_dir).resolve()
+    try:
+        return str(run_dir.resolve().relative_to(runs))
+    except ValueError:
+        return run_dir.name
+
+
+def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Run the whole job on a validated config; return (metrics, artifacts)."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    chief = is_chief()
+    if not chief:  # other workers keep their files apart and log nothing
+        run_dir = run_dir / f"worker_{json.loads(os.environ['TF_CONFIG'])['task']['index']}"
+        cfg.tracking.enabled = False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracking.check_store(cfg.tracking)
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = select_strategy(cfg.train)
+    replicas = strategy.num_replicas_in_sync
+    policy = select_precision(cfg.train)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return _train(cfg, run_dir, strategy, replicas, policy, started, callbacks)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
+    ingested = ingest(cfg)
+    manifest = ingested.manifest
+    train_rows = manifest[(manifest["split"] == "train") & manifest["label"].notna()]
+    val_rows = manifest[(manifest["split"] == "val") & manifest["label"].notna()]
+
+    weights = class_weights(train_rows["label"], cfg.train.class_weight)
+    save(weights, train_rows["label"], run_dir / "class_weights.json", cfg.train.class_weight)
+    log.info("class weights (%s):\n%s", cfg.train.class_weight, format_table(weights, train_rows["label"]))
+
+    params = AugmentParams.from_config(cfg.augment)
+    device = resolve_device(cfg.augment.device.value)
+    on_accelerator = cfg.augment.engine.value == "fast" and device == "accelerator"
+    global_batch = cfg.train.batch_size * replicas
+    cache = OmegaConf.to_container(cfg.data.cache, resolve=True)
+    spec = PipelineSpec(
+        image_size=cfg.model.image_size,
+        batch_size=global_batch,
+        engine=cfg.augment.engine.value,
+        augment_in_pipeline=not on_accelerator,
+        shuffle_buffer=cfg.train.shuffle_buffer,
+        seed=cfg.seed,
+        deterministic=True,
+    )
+    train_data = make_inputs(train_rows, spec, params, training=True, cache=cache)
+    val_data = make_inputs(val_rows, spec, params, training=False, cache=cache)
+    steps = steps_for(len(train_rows), global_batch, cfg.train.steps_per_epoch)
+    if isinstance(train_data, tf.data.Dataset):
+        train_data = train_data.repeat()
+    log.info(
+        "training on %d images (%d val), %d replica(s) x batch %d = %d, %d steps/epoch, precision %s, "
+        "augmentation %s engine on %s",
+        len(train_rows), len(val_rows), replicas, cfg.train.batch_size, global_batch, steps, policy,
+        cfg.augment.engine.value, "the model (accelerator)" if on_accelerator else "the CPU pipeline",
+    )
+
+    with strategy.scope():
+        model, base = build_model(
+            backbone=cfg.model.backbone,
+            image_size=cfg.model.image_size,
+            weights=cfg.model.weights,
+            alpha=cfg.model.alpha,
+            units=list(cfg.model.head.units),
+            dropout=list(cfg.model.head.dropout),
+            augmentation=IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if on_accelerator else None,
+            freeze_bn=cfg.model.freeze_bn,
+            bn_momentum=cfg.model.bn_momentum,
+        )
+    jit = cfg.train.jit_compile
+
+    name = run_name(cfg, run_dir)
+    artifacts: dict[str, Path] = {}
+    with tracking.run(cfg, run_dir, name) as run_id:
+        callbacks = [tracking.EpochMetrics()] if run_id is not None else []
+        callbacks += list(extra_callbacks)
+        with strategy.scope():
+            state = run_phases(
+                model, base, train_data, val_data, cfg.train, run_dir, steps,
+                keras_class_weight(weights), jit, callbacks,
+            )
+        history = pd.read_csv(run_dir / HISTORY)
+        artifacts["history"] = run_dir / HISTORY
+        artifacts["training_curves"] = training_curves(history, run_dir / "plots" / "training_curves.png", state["phase1_epochs"])
+
+        best_path = run_dir / BEST
+        best = keras.models.load_model(best_path) if best_path.is_file() else model
+        artifacts["checkpoint"] = best_path
+        metrics = {
+            "val": evaluate_split(best, manifest, "val", cfg.model.image_size, cfg.evaluate.batch_size, cache, run_dir / "eval" / "val"),
+            cfg.evaluate.split: evaluate_split(
+                best, manifest, cfg.evaluate.split, cfg.model.image_size, cfg.evaluate.batch_size, cache, run_dir
+            ),
+        }
+        artifacts["metrics"] = run_dir / "metrics.json"
+        artifacts["predictions"] = run_dir / "predictions.csv"
+        if cfg.export.enabled and is_chief():
+            exported = export(best, run_dir / "export", cfg.model.image_size)
+            artifacts["export"] = exported[0].parent
+        metrics["epochs"] = {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]}
+        metrics["seconds"] = round(time.perf_counter() - started, 1)
+        summary = run_dir / "summary.json"
+        summary.write_text(json.dumps(metrics, indent=2))
+        artifacts["summary"] = summary
+
+        if run_id is not None:
+            for split_name in ("val", cfg.evaluate.split):
+                tracking.log_metrics(
+                    {k: v for k, v in metrics[split_name].items() if isinstance(v, float)}, prefix=f"final_{split_name}_"
+                )
+            hydra_dir = run_dir / ".hydra"
+            tracking.log_artifacts([p for p in [hydra_dir] if p.is_dir()], artifact_path="config")
+            tracking.log_artifacts(
+                [ingested.summary_path, run_dir / "class_weights.json", run_dir / HISTORY, run_dir / "metrics.json",
+                 run_dir / "predictions.csv", run_dir / "summary.json"]
+            )
+            tracking.log_artifacts([run_dir / "plots"], artifact_path="plots")
+            if "export" in artifacts:
+                tracking.log_artifacts([artifacts["export"]], artifact_path="export")
+            example = np.zeros((1, cfg.model.image_size, cfg.model.image_size, 3), np.float32)
+            version = tracking.log_model(best, example, cfg.tracking)
+            if version is not None:
+                metrics["registered_version"] = version
+    test = metrics[cfg.evaluate.split]
+    log.info(
+        "done in %.0f s: %s balanced accuracy %.3f (top-1 accuracy %.3f) after %d + %d epochs; run dir %s",
+        metrics["seconds"], cfg.evaluate.split, test["balanced_accuracy"], test["top1_accuracy"],
+        state["phase1_epochs"], state["phase2_epochs"], run_dir,
+    )
+    return metrics, artifacts
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    metrics, _ = cli.run(train, cfg, RunConfig)
+    return metrics[cfg.evaluate.split]["balanced_accuracy"]
+
+
+if __name__ == "__main__":
+    main()
