@@ -151,6 +151,7 @@ def run_phases(
     steps_per_epoch: int,
     class_weight: Optional[dict[int, float]],
     jit_compile: Any,
+    freeze_bn: bool,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, Any]:
     """Train both phases (or what is left of them) and return the run's training record."""
@@ -209,7 +210,7 @@ def run_phases(
     start = state["phase1_epochs"]
     if "phase2_epochs" not in state:
         if e2 > 0:
-            trainable = unfreeze(base, train_cfg.phase2.unfreeze_from)
+            trainable = unfreeze(base, train_cfg.phase2.unfreeze_from, freeze_bn=freeze_bn)
             steps = steps_per_epoch * e2
             warmup = steps_per_epoch * train_cfg.phase2.warmup_epochs
             schedule = cosine_schedule(train_cfg.phase2.lr, steps, warmup, train_cfg.phase2.min_lr_fraction)

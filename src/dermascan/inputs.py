@@ -71,10 +71,16 @@ def fast_dataset(
     params: AugmentParams,
     training: bool,
 ) -> tf.data.Dataset:
-    """The ``fast`` engine: a tf.data pipeline over cached images."""
+    """The ``fast`` engine: a tf.data pipeline over cached images.
+
+    For training the dataset is infinite (reshuffled on every pass, and with
+    no partial batches, which MirroredStrategy cannot split evenly): give
+    ``fit`` a ``steps_per_epoch``. For evaluation it is one ordered pass.
+    """
     ds = tf.data.Dataset.from_tensor_slices((list(paths), label_indices(labels)))
     if training:
         ds = ds.shuffle(min(len(paths), spec.shuffle_buffer), seed=spec.seed, reshuffle_each_iteration=True)
+        ds = ds.repeat()
     size = spec.image_size
     ds = ds.map(
         lambda path, label: (decode(path, size), tf.one_hot(label, len(CODES), dtype=tf.float32)),

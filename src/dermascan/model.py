@@ -6,8 +6,12 @@
 
 Preprocessing lives inside the model, so the server, the phone and the
 evaluation all feed the same raw pixels. The backbone is called with
-``training=False``, so its BatchNorm layers stay in inference mode when it
-is unfrozen for fine-tuning (the Keras transfer-learning recipe).
+``training=False`` and, when it is unfrozen for fine-tuning, its BatchNorm
+layers stay frozen (``trainable=False``), so their pretrained statistics
+are kept. Both are needed in Keras 3: a Functional model passes ``fit``'s
+``training=True`` down to every layer, overriding the ``training=False``
+recorded at the call (keras-team/keras#20285), and only a non-trainable
+BatchNormalization layer runs in inference mode whatever it is told.
 
 A new backbone is one entry in ``BACKBONES``.
 """
@@ -99,9 +103,10 @@ def build_model(
     """Return (model, backbone). The backbone starts frozen (phase 1).
 
     ``freeze_bn`` (default: True unless ``weights`` is None) calls the
-    backbone with ``training=False``. That keeps pretrained BatchNorm
-    statistics intact; a backbone trained from scratch has no statistics
-    worth keeping, and its BatchNorm layers must learn them. ``bn_momentum``
+    backbone with ``training=False`` (see ``unfreeze`` for the part that
+    Keras 3 needs on top). Frozen statistics suit pretrained weights; a
+    backbone trained from scratch has no statistics worth keeping, and its
+    BatchNorm layers must learn them. ``bn_momentum``
     overrides the backbone's BatchNorm momentum (MobileNetV2 uses 0.999,
     too slow for moving statistics to settle in a short run from scratch).
     """
@@ -135,15 +140,18 @@ def build_model(
     return model, base
 
 
-def unfreeze(base: keras.Model, from_layer: Optional[int | str] = None) -> int:
+def unfreeze(base: keras.Model, from_layer: Optional[int | str] = None, freeze_bn: bool = True) -> int:
     """Phase 2: make the backbone trainable from ``from_layer`` (index or name) on.
 
-    Returns the number of trainable backbone layers. BatchNorm layers are
-    unfrozen like the rest (their scale and offset train) but, because the
-    backbone is called with ``training=False``, their moving statistics stay
-    as they are.
+    Returns the number of trainable backbone layers. With ``freeze_bn`` the
+    BatchNorm layers stay frozen, which in Keras 3 also keeps them in
+    inference mode, so their moving statistics do not change.
     """
     base.trainable = True
+    if freeze_bn:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
     if from_layer is None:
         return len(base.layers)
     names = [layer.name for layer in base.layers]

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -71,6 +72,19 @@ def select_precision(train_cfg: DictConfig) -> str:
     return policy
 
 
+def first_batch_splits_evenly(n_images: int, global_batch: int, replicas: int) -> int:
+    """An evaluation batch size whose first batch divides evenly over the replicas.
+
+    Keras 3.15 builds a distributed model from the first evaluation batch by
+    averaging it across replicas, which fails when that batch splits
+    unevenly (a validation split smaller than the global batch). Later
+    partial batches are fine, so only the first one needs care.
+    """
+    if replicas == 1 or n_images >= global_batch:
+        return global_batch
+    return max(replicas, n_images - n_images % replicas)
+
+
 def run_name(cfg: DictConfig, run_dir: Path) -> str:
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
@@ -90,6 +104,7 @@ def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -
         run_dir = run_dir / f"worker_{json.loads(os.environ['TF_CONFIG'])['task']['index']}"
         cfg.tracking.enabled = False
     run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     tracking.check_store(cfg.tracking)
 
     keras.utils.set_random_seed(cfg.seed)
@@ -130,10 +145,9 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         deterministic=True,
     )
     train_data = make_inputs(train_rows, spec, params, training=True, cache=cache)
-    val_data = make_inputs(val_rows, spec, params, training=False, cache=cache)
+    val_spec = replace(spec, batch_size=first_batch_splits_evenly(len(val_rows), global_batch, replicas))
+    val_data = make_inputs(val_rows, val_spec, params, training=False, cache=cache)
     steps = steps_for(len(train_rows), global_batch, cfg.train.steps_per_epoch)
-    if isinstance(train_data, tf.data.Dataset):
-        train_data = train_data.repeat()
     log.info(
         "training on %d images (%d val), %d replica(s) x batch %d = %d, %d steps/epoch, precision %s, "
         "augmentation %s engine on %s",
@@ -141,6 +155,7 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         cfg.augment.engine.value, "the model (accelerator)" if on_accelerator else "the CPU pipeline",
     )
 
+    freeze_bn = cfg.model.freeze_bn if cfg.model.freeze_bn is not None else cfg.model.weights is not None
     with strategy.scope():
         model, base = build_model(
             backbone=cfg.model.backbone,
@@ -150,10 +165,12 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
             units=list(cfg.model.head.units),
             dropout=list(cfg.model.head.dropout),
             augmentation=IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if on_accelerator else None,
-            freeze_bn=cfg.model.freeze_bn,
+            freeze_bn=freeze_bn,
             bn_momentum=cfg.model.bn_momentum,
         )
     jit = cfg.train.jit_compile
+    if jit == "auto":  # XLA pays off on a GPU; on a CPU its compile time dominates short runs
+        jit = bool(tf.config.list_physical_devices("GPU"))
 
     name = run_name(cfg, run_dir)
     artifacts: dict[str, Path] = {}
@@ -163,7 +180,7 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         with strategy.scope():
             state = run_phases(
                 model, base, train_data, val_data, cfg.train, run_dir, steps,
-                keras_class_weight(weights), jit, callbacks,
+                keras_class_weight(weights), jit, freeze_bn, callbacks,
             )
         history = pd.read_csv(run_dir / HISTORY)
         artifacts["history"] = run_dir / HISTORY
@@ -194,8 +211,10 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
                 tracking.log_metrics(
                     {k: v for k, v in metrics[split_name].items() if isinstance(v, float)}, prefix=f"final_{split_name}_"
                 )
+            tracking.log_artifacts([run_dir / "config.yaml"], artifact_path="config")
             hydra_dir = run_dir / ".hydra"
-            tracking.log_artifacts([p for p in [hydra_dir] if p.is_dir()], artifact_path="config")
+            if hydra_dir.is_dir():
+                tracking.log_artifacts([hydra_dir], artifact_path="config/hydra")
             tracking.log_artifacts(
                 [ingested.summary_path, run_dir / "class_weights.json", run_dir / HISTORY, run_dir / "metrics.json",
                  run_dir / "predictions.csv", run_dir / "summary.json"]
