@@ -281,6 +281,20 @@ def test_config_typos_and_types_fail_at_start_up(tmp_path):
         compose_config("train", ["train.precision=half", f"run_dir={tmp_path}"], RunConfig)
 
 
+def test_multi_worker_needs_tf_config_and_is_refused_across_workers(monkeypatch, tmp_path):
+    from dermascan.errors import ConfigError
+    from dermascan.train import select_strategy
+
+    cfg = debug_config(tmp_path, "train.strategy=multi_worker")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        select_strategy(cfg.train)
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(ConfigError, match="keras-team/keras#20585"):
+        select_strategy(cfg.train)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -314,15 +328,20 @@ def mlflow_server(tmp_path):
     server.wait(timeout=30)
 
 
-def test_debug_run_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
-    cfg = debug_config(tmp_path, f"tracking.uri={mlflow_server}", "train.phase2.epochs=1")
-    train(cfg)
+def test_debug_run_logs_to_a_real_mlflow_server_and_registers_the_model(tmp_path, mlflow_server):
+    cfg = debug_config(
+        tmp_path, f"tracking.uri={mlflow_server}", "train.phase2.epochs=1",
+        "tracking.register=true", "tracking.model_name=dermascan-debug",
+    )
+    metrics, _ = train(cfg)
     client = MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("dermascan").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["model.backbone"] == "mobilenet_v2"
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert "history.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "runs" / "mlflow.db").exists()
+    (version,) = client.search_model_versions("name='dermascan-debug'")
+    assert version.run_id == run.info.run_id and metrics["registered_version"] == version.version == "1"
 
 
 def test_mirrored_strategy_trains_on_two_cpu_devices(tmp_path):

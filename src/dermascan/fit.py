@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -72,14 +71,6 @@ class BalancedAccuracy(keras.metrics.Metric):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_classes": self.num_classes}
-
-
-@dataclass
-class PhasePlan:
-    number: int
-    epochs: int
-    initial_epoch: int
-    learning_rate: Any
 
 
 def compile_model(model: keras.Model, learning_rate: Any, label_smoothing: float, jit_compile: Any) -> None:
@@ -181,25 +172,29 @@ def run_phases(
             *extra_callbacks,
         ]
 
+    def fit(phase: int, initial_epoch: int, epochs: int) -> int:
+        """One phase's ``fit``; returns the epochs the phase has run in all (resumes included)."""
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            initial_epoch=initial_epoch,
+            epochs=initial_epoch + epochs,
+            steps_per_epoch=steps_per_epoch,
+            class_weight=class_weight,
+            callbacks=callbacks(phase),
+            verbose=train_cfg.verbose,
+        )
+        return _epochs_done(run_dir, phase)
+
     e1, e2 = train_cfg.phase1.epochs, train_cfg.phase2.epochs
     phase1_weights = run_dir / "checkpoints" / "phase1_end.weights.h5"
 
     if "phase1_epochs" not in state:
+        done = 0
         if e1 > 0:
             log.info("phase 1: head only, backbone frozen, %d epoch(s) at lr %g", e1, train_cfg.phase1.lr)
             compile_model(model, train_cfg.phase1.lr, train_cfg.label_smoothing, jit_compile)
-            history = model.fit(
-                train_data,
-                validation_data=val_data,
-                epochs=e1,
-                steps_per_epoch=steps_per_epoch,
-                class_weight=class_weight,
-                callbacks=callbacks(1),
-                verbose=train_cfg.verbose,
-            )
-            done = _epochs_done(run_dir, history, phase=1)
-        else:
-            done = 0
+            done = fit(1, 0, e1)
         model.save_weights(str(phase1_weights))
         state["phase1_epochs"] = done
         write_state(run_dir, state)
@@ -207,8 +202,8 @@ def run_phases(
         log.info("phase 1 already done (%d epochs): loading its weights", state["phase1_epochs"])
         model.load_weights(str(phase1_weights))
 
-    start = state["phase1_epochs"]
     if "phase2_epochs" not in state:
+        done = 0
         if e2 > 0:
             trainable = unfreeze(base, train_cfg.phase2.unfreeze_from, freeze_bn=freeze_bn)
             steps = steps_per_epoch * e2
@@ -220,30 +215,16 @@ def run_phases(
                 trainable, e2, train_cfg.phase2.lr, steps, warmup,
             )
             compile_model(model, schedule, train_cfg.label_smoothing, jit_compile)
-            history = model.fit(
-                train_data,
-                validation_data=val_data,
-                initial_epoch=start,
-                epochs=start + e2,
-                steps_per_epoch=steps_per_epoch,
-                class_weight=class_weight,
-                callbacks=callbacks(2),
-                verbose=train_cfg.verbose,
-            )
-            done = _epochs_done(run_dir, history, phase=2)
-        else:
-            done = 0
+            done = fit(2, state["phase1_epochs"], e2)
         state["phase2_epochs"] = done
         write_state(run_dir, state)
     return state
 
 
-def _epochs_done(run_dir: Path, history: keras.callbacks.History, phase: int) -> int:
+def _epochs_done(run_dir: Path, phase: int) -> int:
     """Epochs this phase has run in total, across interruptions (from history.csv)."""
     frame = pd.read_csv(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else pd.DataFrame()
-    if "phase" in frame:
-        return int((frame["phase"] == phase).sum())
-    return len(history.epoch)
+    return int((frame["phase"] == phase).sum()) if "phase" in frame else 0
 
 
 def steps_for(n_images: int, global_batch: int, configured: Optional[int]) -> int:

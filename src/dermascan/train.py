@@ -53,16 +53,16 @@ def select_strategy(train_cfg: DictConfig) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy(devices=list(train_cfg.devices) if train_cfg.devices else None)
     if "TF_CONFIG" not in os.environ:
         raise ConfigError("train.strategy=multi_worker needs the TF_CONFIG environment variable (see README)")
+    cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+    if sum(len(tasks) for tasks in cluster.values()) > 1:
+        # Model.fit reduces its first batch across replicas eagerly, which a
+        # collective (multi-worker) strategy cannot do outside strategy.run.
+        raise ConfigError(
+            "train.strategy=multi_worker: Keras 3's Model.fit does not work with MultiWorkerMirroredStrategy "
+            "across several workers (keras-team/keras#20585, tensorflow/tensorflow#72388). Train on one "
+            "machine (mirrored) until that is fixed."
+        )
     return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def is_chief() -> bool:
-    """In multi-worker training, only the chief logs, checkpoints for keeps and exports."""
-    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    task = config.get("task", {})
-    if not task:
-        return True
-    return task.get("type") == "chief" or (task.get("type") == "worker" and task.get("index") == 0 and "chief" not in config.get("cluster", {}))
 
 
 def select_precision(train_cfg: DictConfig) -> str:
@@ -99,10 +99,6 @@ def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -
     """Run the whole job on a validated config; return (metrics, artifacts)."""
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
-    chief = is_chief()
-    if not chief:  # other workers keep their files apart and log nothing
-        run_dir = run_dir / f"worker_{json.loads(os.environ['TF_CONFIG'])['task']['index']}"
-        cfg.tracking.enabled = False
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     tracking.check_store(cfg.tracking)
@@ -197,7 +193,7 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         }
         artifacts["metrics"] = run_dir / "metrics.json"
         artifacts["predictions"] = run_dir / "predictions.csv"
-        if cfg.export.enabled and is_chief():
+        if cfg.export.enabled:
             exported = export(best, run_dir / "export", cfg.model.image_size)
             artifacts["export"] = exported[0].parent
         metrics["epochs"] = {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]}
