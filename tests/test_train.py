@@ -87,6 +87,20 @@ def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
     assert len(models) == 1 and models[0].source_run_id == run.info.run_id
 
 
+def test_image_broken_in_the_cache_stops_training_naming_the_file(tmp_path):
+    from dermascan.errors import DataError
+    from dermascan.ingest import ingest
+
+    cfg = debug_config(tmp_path, "tracking.enabled=false")
+    manifest = ingest(cfg).manifest
+    victim = manifest[manifest["split"] == "val"]["image_id"].iloc[0]  # val is read whole every epoch
+    cache = tmp_path / "data" / "cache" / "32px-bilinear"
+    cache.mkdir(parents=True)
+    (cache / f"{victim}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DataError, match=f"{victim}.jpg"):
+        train(cfg)
+
+
 def test_unreachable_tracking_server_fails_fast(tmp_path):
     cfg = debug_config(tmp_path, "tracking.uri=http://127.0.0.1:9", "tracking.timeout_s=2")
     started = time.perf_counter()

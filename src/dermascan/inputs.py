@@ -17,8 +17,9 @@ and one-hot float32 labels in ``classes.CODES`` order.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -175,12 +176,25 @@ def diagnose(paths: Sequence[str]) -> Optional[DataError]:
     )
 
 
-def iterate(dataset: tf.data.Dataset, paths: Sequence[str]):
-    """Iterate a fast dataset; a decode failure becomes a DataError naming the file."""
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError)
+
+
+@contextmanager
+def naming_broken_files(paths: Sequence[str]) -> Iterator[None]:
+    """Turn a decode failure inside tf.data (or ``fit``) into a DataError naming the file.
+
+    An error that no broken file explains is re-raised as it was.
+    """
     try:
-        yield from dataset
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError) as err:
+        yield
+    except DECODE_ERRORS as err:
         found = diagnose(paths)
         if found is None:
-            raise DataError(f"the input pipeline failed: {err.message}") from None
-        raise found from None
+            raise
+        raise found from err
+
+
+def iterate(dataset: tf.data.Dataset, paths: Sequence[str]) -> Iterator[Any]:
+    """Iterate a fast dataset; a decode failure becomes a DataError naming the file."""
+    with naming_broken_files(paths):
+        yield from dataset

@@ -35,7 +35,8 @@ from dermascan.evaluate import evaluate_split
 from dermascan.export import export
 from dermascan.fit import BEST, HISTORY, run_phases, steps_for
 from dermascan.ingest import ingest
-from dermascan.inputs import PipelineSpec, make_inputs
+from dermascan.data.cache import cached_paths
+from dermascan.inputs import PipelineSpec, make_inputs, naming_broken_files
 from dermascan.model import build_model
 from dermascan.plots import training_curves
 
@@ -173,7 +174,10 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
     with tracking.run(cfg, run_dir, name) as run_id:
         callbacks = [tracking.EpochMetrics()] if run_id is not None else []
         callbacks += list(extra_callbacks)
-        with strategy.scope():
+        cached = cached_paths(
+            pd.concat([train_rows, val_rows])["image_id"], cache["dir"], cache["size"], cache["method"]
+        )
+        with strategy.scope(), naming_broken_files([str(p) for p in cached]):
             state = run_phases(
                 model, base, train_data, val_data, cfg.train, run_dir, steps,
                 keras_class_weight(weights), jit, freeze_bn, callbacks,

@@ -45,6 +45,11 @@ def cache_folder(cache_dir: str | os.PathLike[str], size: int, method: str) -> P
     return Path(cache_dir) / f"{size}px-{method}"
 
 
+def cached_paths(image_ids: Iterable[str], cache_dir: str | os.PathLike[str], size: int, method: str) -> list[Path]:
+    folder = cache_folder(cache_dir, size, method)
+    return [folder / f"{image_id}.jpg" for image_id in image_ids]
+
+
 def resize_image(source: str | os.PathLike[str], size: int, method: str) -> Image.Image:
     """Decode ``source`` as RGB and resize it to ``size`` x ``size``."""
     with Image.open(source) as img:
@@ -82,7 +87,7 @@ def build_cache(
     folder = cache_folder(cache_dir, size, method)
     folder.mkdir(parents=True, exist_ok=True)
     ids, sources = list(image_ids), list(sources)
-    targets = [folder / f"{image_id}.jpg" for image_id in ids]
+    targets = cached_paths(ids, cache_dir, size, method)
     todo = [(src, dst) for src, dst in zip(sources, targets) if not dst.is_file()]
     if todo:
         log.info("resize cache %s: %d of %d images to resize", folder, len(todo), len(ids))
