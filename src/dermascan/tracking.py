@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import keras
+import mlflow
 import numpy as np
+import requests
+import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
+from dermascan import __version__
 from dermascan.errors import DermascanError
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,6 @@ def check_store(tracking: DictConfig) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return
     if _is_remote(uri):
-        import requests
-
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=tracking.timeout_s)
             response.raise_for_status()
@@ -82,8 +84,6 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str) -> Iterator[Optional[str]
     if not tracking.enabled:
         yield None
         return
-    import mlflow
-
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(tracking.timeout_s))
     mlflow.set_tracking_uri(tracking.uri)
@@ -113,23 +113,17 @@ class EpochMetrics(keras.callbacks.Callback):
     """Logs each epoch's metrics to the active MLflow run, step = epoch (continuous across phases)."""
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict[str, Any]] = None) -> None:
-        import mlflow
-
         if logs:
             mlflow.log_metrics({k: float(v) for k, v in logs.items() if np.isfinite(float(v))}, step=epoch)
 
 
 def log_metrics(metrics: dict[str, Optional[float]], prefix: str) -> None:
-    import mlflow
-
     if mlflow.active_run() is None:
         return
     mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items() if v is not None})
 
 
 def log_artifacts(paths: list[Path], artifact_path: Optional[str] = None) -> None:
-    import mlflow
-
     if mlflow.active_run() is None:
         return
     for path in paths:
@@ -141,11 +135,6 @@ def log_artifacts(paths: list[Path], artifact_path: Optional[str] = None) -> Non
 
 def log_model(model: keras.Model, example: np.ndarray, tracking: DictConfig) -> Optional[str]:
     """Log the model with a signature; register it if asked. Returns the registered version."""
-    import mlflow
-    import tensorflow as tf
-
-    from dermascan import __version__
-
     if mlflow.active_run() is None or not tracking.log_model:
         return None
     signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
