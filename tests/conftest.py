@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dermascan.config import config_dir, validate
+from dermascan.config import RunConfig, config_dir, validate
 from dermascan.data.isic import METADATA_2019, RELEASES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,3 +60,30 @@ def small_root(tmp_path, isic_csvs, sample_jpegs, sample_labels) -> Path:
     meta = pd.read_csv(isic_csvs / METADATA_2019)
     meta[meta["image"].isin(sample_labels["image"])].to_csv(root / METADATA_2019, index=False)
     return root
+
+
+def debug_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "debug=default",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"run_dir={tmp_path / 'runs' / 'train' / 'run1'}",
+        # Export (SavedModel + TFLite, ~30 s) only where a test asks for it.
+        "export.enabled=false",
+        *extra,
+    ]
+
+
+def debug_config(tmp_path: Path, *extra: str) -> DictConfig:
+    return compose_config("train", debug_overrides(tmp_path, *extra), RunConfig)
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory):
+    """One finished debug training run (2 + 2 epochs), shared by the train, evaluate and export tests."""
+    from dermascan.train import train
+
+    tmp_path = tmp_path_factory.mktemp("debug_run")
+    cfg = debug_config(tmp_path, "train.phase1.epochs=2", "train.phase2.epochs=2", "export.enabled=true")
+    metrics, artifacts = train(cfg)
+    return cfg, metrics, artifacts

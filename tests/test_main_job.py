@@ -12,6 +12,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
+from dermascan.export import verify_manifest
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
@@ -26,18 +28,27 @@ def test_default_demo_run_learns_offline_within_five_minutes(tmp_path):
     elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "train").iterdir()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["split"] == "test" and metrics["balanced_accuracy"] >= 0.9, metrics["balanced_accuracy"]
+    result = json.loads((run_dir / "metrics.json").read_text())
+    metrics = result["test"]
+    assert result["split"] == "test" and metrics["balanced_accuracy"] >= 0.9, metrics["balanced_accuracy"]
     assert elapsed < 300, f"the demo took {elapsed:.0f} s"
     assert not list((tmp_path / "no-keras-home").rglob("*.h5"))  # no weights were downloaded
-    for name in ("predictions.csv", "history.csv", "plots/training_curves.png", "export/model.keras",
-                 "checkpoints/best.keras", ".hydra/config.yaml"):
+    for name in ("predictions.csv", "history.csv", "report.md", "checkpoints/best.keras", ".hydra/config.yaml",
+                 "plots/training_curves.png", "plots/roc_curves.png", "plots/confusion_matrix.png",
+                 "plots/reliability.png", "export/model.keras", "export/saved_model/saved_model.pb",
+                 "export/model_fp32.tflite", "export/model_fp16.tflite", "export/model_int8_dynamic.tflite",
+                 "export/model_int8_full.tflite", "export/labels.json", "export/model_card.md",
+                 "export/parity.json", "export/MANIFEST.sha256"):
         assert (run_dir / name).is_file(), name
+    assert verify_manifest(run_dir / "export") > 10
+    parity = json.loads((run_dir / "export" / "parity.json").read_text())
+    assert all(f["top1_agreement"] >= 0.99 for f in parity["formats"].values()), parity
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("dermascan").experiment_id])
     assert run.info.run_name == f"train/{run_dir.name}"
     assert run.data.metrics["final_test_balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
-    print(f"demo: {elapsed:.0f} s, test balanced accuracy {metrics['balanced_accuracy']:.3f}")
+    sizes = {k: f.get("size_vs_fp32") for k, f in parity["formats"].items()}
+    print(f"demo: {elapsed:.0f} s, test balanced accuracy {metrics['balanced_accuracy']:.3f}, export sizes {sizes}")
 
 
 @pytest.mark.slow

@@ -20,29 +20,7 @@ from dermascan.config import RunConfig
 from dermascan.tracking import TrackingError
 from dermascan.train import train
 
-from .conftest import REPO, compose_config
-
-
-def debug_overrides(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "debug=default",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"paths.runs_dir={tmp_path / 'runs'}",
-        f"run_dir={tmp_path / 'runs' / 'train' / 'run1'}",
-        *extra,
-    ]
-
-
-def debug_config(tmp_path: Path, *extra: str):
-    return compose_config("train", debug_overrides(tmp_path, *extra), RunConfig)
-
-
-@pytest.fixture(scope="module")
-def debug_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("debug_run")
-    cfg = debug_config(tmp_path, "train.phase1.epochs=2", "train.phase2.epochs=2")
-    metrics, artifacts = train(cfg)
-    return cfg, metrics, artifacts
+from .conftest import REPO, compose_config, debug_config, debug_overrides
 
 
 def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
@@ -53,8 +31,11 @@ def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
     assert list(history["epoch"]) == [0, 1, 2, 3] and list(history["phase"]) == [1, 1, 2, 2]
     assert {"loss", "top1_accuracy", "balanced_accuracy", "val_balanced_accuracy", "learning_rate"} <= set(history)
     assert metrics["epochs"] == {"phase1": 2, "phase2": 2}
-    test = json.loads((run_dir / "metrics.json").read_text())
-    assert test["split"] == "test" and 0 <= test["balanced_accuracy"] <= 1 and test["n"] > 0
+    result = json.loads((run_dir / "metrics.json").read_text())
+    test = result["test"]
+    assert result["split"] == "test" and 0 <= test["balanced_accuracy"] <= 1 and test["n"] > 0
+    assert test["ci"]["balanced_accuracy"]["n_resamples"] == 200 and "MEL" in test["per_class"]
+    assert metrics["test"]["balanced_accuracy"] == test["balanced_accuracy"]
     predictions = pd.read_csv(run_dir / "predictions.csv")
     assert list(predictions.columns) == ["image", "AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC", "label"]
     np.testing.assert_allclose(predictions.iloc[:, 1:9].sum(axis=1), 1.0, atol=1e-4)
@@ -63,7 +44,10 @@ def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
     labels = json.loads((artifacts["export"] / "labels.json").read_text())
     assert [c["code"] for c in labels["classes"]] == ["AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC"]
     assert exported.output_shape == (None, 8)
-    assert (run_dir / "plots" / "training_curves.png").stat().st_size > 10_000
+    for plot in ("training_curves", "roc_curves", "confusion_matrix", "reliability"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
+    report = (run_dir / "report.md").read_text()
+    assert "balanced accuracy" in report and "Keras `binary_accuracy`" in report
 
 
 def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
@@ -81,7 +65,9 @@ def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
     assert "final_test_balanced_accuracy" in run.data.metrics and "final_val_top1_accuracy" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "history.csv", "plots", "metrics.json", "predictions.csv", "class_weights.json",
-            "manifest_summary.json", "export"} <= artifacts
+            "manifest_summary.json", "export", "report.md"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/roc_curves.png", "plots/confusion_matrix.png", "plots/reliability.png"} <= plots
     assert "config/config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     models = client.search_logged_models([experiment.experiment_id])
     assert len(models) == 1 and models[0].source_run_id == run.info.run_id
@@ -393,3 +379,31 @@ def test_keras_overrides_training_false_in_functional_models():
     frozen = inner.get_layer("bn").moving_mean.numpy().copy()
     outer.fit(np.full((8, 4), 5.0), np.zeros((8, 1)), epochs=1, verbose=0)
     np.testing.assert_array_equal(inner.get_layer("bn").moving_mean.numpy(), frozen)
+
+
+def test_evaluate_cli_reproduces_the_run_metrics_and_logs_to_the_same_mlflow_run(debug_run):
+    cfg, metrics, _ = debug_run
+    run_dir = Path(cfg.run_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "dermascan.evaluate", f"run_dir={run_dir}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((run_dir / "eval" / "test_tta-none" / "metrics.json").read_text())["test"]
+    original = json.loads((run_dir / "metrics.json").read_text())["test"]
+    for key in ("balanced_accuracy", "top1_accuracy", "mean_auc", "confusion_matrix", "per_class", "ci"):
+        assert again[key] == original[key], key
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dermascan").experiment_id])
+    assert run.data.metrics["eval_test_tta-none_balanced_accuracy"] == pytest.approx(original["balanced_accuracy"])
+    assert "eval" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_evaluate_cli_rejects_a_folder_that_is_not_a_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dermascan.evaluate", f"run_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "is not a finished training run" in output and "Traceback" not in output

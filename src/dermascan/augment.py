@@ -50,6 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+
 @dataclass(frozen=True)
 class AugmentParams:
     rotation_range: float = 0.0

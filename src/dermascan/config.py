@@ -200,15 +200,33 @@ class TrainConfig:
     verbose: int = 2
 
 
+class Tta(str, Enum):
+    none = "none"
+    flips = "flips"
+    flips_rot90 = "flips_rot90"
+
+
 @dataclass
 class EvaluateConfig:
     split: str = "test"
     batch_size: int = 64
+    tta: Tta = Tta.none
+    temperature_scaling: bool = True
+    min_calibration_images: int = 50
+    bootstrap_resamples: int = 1000
+    calibration_bins: int = 15
 
 
 @dataclass
 class ExportConfig:
     enabled: bool = True
+    tflite: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8_dynamic", "int8_full"])
+    min_agreement: float = 0.99
+    parity_samples: Optional[int] = 500  # null: the whole split
+    parity_split: str = "test"
+    representative_samples: int = 200
+    latency_runs: int = 50
+    coreml: bool = False
 
 
 @dataclass
@@ -238,6 +256,31 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42
     run_dir: str = "???"
+
+
+@dataclass
+class ExportRunConfig:
+    """``python -m dermascan.export run_dir=...``."""
+
+    run_dir: str = "???"
+    out_dir: Optional[str] = None  # null: <run_dir>/export
+    log_to_mlflow: bool = True
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass
+class EvaluateRunConfig:
+    """``python -m dermascan.evaluate run_dir=...`` (or export_dir=... manifest=...)."""
+
+    run_dir: Optional[str] = None
+    export_dir: Optional[str] = None
+    manifest: Optional[str] = None
+    out_dir: Optional[str] = None  # null: <run_dir>/eval/<split>_tta-<tta>
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    log_to_mlflow: bool = True
+    new_mlflow_run: bool = False
+    seed: int = 42
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _check_data(data: Any) -> None:
@@ -339,7 +382,26 @@ def _check_model(model: Any) -> None:
         raise ConfigError(f"model.image_size must be >= 32, got {model.image_size}")
 
 
-CHECKS = {"data": _check_data, "augment": _check_augment, "train": _check_train, "model": _check_model}
+def _check_evaluate(evaluate: Any) -> None:
+    if evaluate.split not in ("train", "val", "test"):
+        raise ConfigError(f"evaluate.split must be train, val or test, got {evaluate.split!r}")
+    if evaluate.bootstrap_resamples < 0 or evaluate.calibration_bins < 1 or evaluate.batch_size < 1:
+        raise ConfigError("evaluate.bootstrap_resamples must be >= 0, calibration_bins and batch_size >= 1")
+
+
+def _check_export(export: Any) -> None:
+    from dermascan.runtime import TFLITE_KINDS
+
+    unknown = [kind for kind in export.tflite if kind not in TFLITE_KINDS]
+    if unknown:
+        raise ConfigError(f"export.tflite: unknown kind(s) {unknown}; choose from {', '.join(TFLITE_KINDS)}")
+    if not 0.0 <= export.min_agreement <= 1.0:
+        raise ConfigError(f"export.min_agreement must be in [0, 1], got {export.min_agreement}")
+    if export.parity_samples is not None and export.parity_samples < 1:
+        raise ConfigError(f"export.parity_samples must be null or >= 1, got {export.parity_samples}")
+
+
+CHECKS = {"evaluate": _check_evaluate, "export": _check_export, "data": _check_data, "augment": _check_augment, "train": _check_train, "model": _check_model}
 
 
 def validate(cfg: DictConfig, schema: type) -> DictConfig:

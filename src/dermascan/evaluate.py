@@ -1,60 +1,309 @@
-"""Evaluation of a trained model on one split: predictions, metrics, report.
+"""Evaluation of a trained model: predictions, metrics with CIs, calibration, plots, report.
 
-``predictions.csv`` holds one row per image: ``image`` and one probability
-column per class (the ISIC submission layout), then the true label.
-``metrics.json`` holds every metric of ``dermascan.metrics``, named exactly.
+    python -m dermascan.evaluate run_dir=runs/train/<timestamp>                 # re-evaluate a finished run
+    python -m dermascan.evaluate run_dir=... evaluate.split=val evaluate.tta=flips
+    python -m dermascan.evaluate export_dir=.../export manifest=.../manifest.csv out_dir=...
+
+Writes, in the output folder (the run dir by default):
+
+- ``predictions.csv``: ``image``, one probability column per class (the ISIC
+  submission layout), then the true ``label``.
+- ``predictions_isic2018.csv``: the ISIC 2018 Test images in the 2018
+  7-class layout (AKIEC = AK + SCC), when the split holds them.
+- ``metrics.json``: every metric of ``dermascan.metrics``, named exactly,
+  with bootstrap CIs, calibration and the TTA comparison.
+- ``calibration.json``: the temperature fitted on val (export applies it).
+- ``report.md`` and ``plots/``: ROC curves, confusion matrices, reliability diagram.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
+import hydra
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
 
+from dermascan import cli, plots, tracking
 from dermascan.augment import AugmentParams
+from dermascan.calibration import apply_temperature, fit_temperature
 from dermascan.classes import CODES, INDEX
+from dermascan.config import EvaluateConfig, EvaluateRunConfig, config_dir, validate
+from dermascan.data.manifest import read as read_manifest
+from dermascan.errors import ConfigError
 from dermascan.inputs import PipelineSpec, make_inputs
-from dermascan.metrics import classification_metrics
+from dermascan.metrics import (
+    CODES_2018,
+    LABEL_2018_INDEX,
+    binary_accuracy,
+    bootstrap_ci,
+    classification_metrics,
+    expected_calibration_error,
+    reliability_bins,
+    to_isic2018,
+)
+from dermascan.report import render_report
+from dermascan.rundir import load_run
+from dermascan.runtime import KERAS_MODEL, read_labels
 
 log = logging.getLogger(__name__)
 
+CALIBRATION = "calibration.json"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
+PREDICTIONS_2018 = "predictions_isic2018.csv"
+REPORT = "report.md"
 
-def predict(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int, cache: dict[str, Any]) -> np.ndarray:
-    """Softmax probabilities [N, 8] for the manifest rows of ``frame``, in order."""
+Transform = Callable[[tf.Tensor], tf.Tensor]
+
+
+@dataclass
+class EvaluateOnly:
+    """A training run's saved ``evaluate`` section, validated on its own."""
+
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _flip_h(x: tf.Tensor) -> tf.Tensor:
+    return tf.reverse(x, axis=[2])
+
+
+def _rot90(k: int) -> Transform:
+    return lambda x: tf.image.rot90(x, k)
+
+
+TTA: dict[str, list[Transform]] = {
+    "none": [tf.identity],
+    # the four flips: identity, horizontal, vertical, both
+    "flips": [tf.identity, _flip_h, lambda x: tf.reverse(x, axis=[1]), lambda x: tf.reverse(x, axis=[1, 2])],
+    # the eight symmetries of the square: four rotations, each with and without a horizontal flip
+    "flips_rot90": [f for k in range(4) for f in (_rot90(k), lambda x, k=k: _rot90(k)(_flip_h(x)))],
+}
+
+
+def enum_value(value: Any) -> Any:
+    """A config enum's plain value (``Tta.flips`` -> ``"flips"``)."""
+    return getattr(value, "value", value)
+
+
+def evaluation_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of ``split`` that can be scored: an 8-class label, or an ISIC 2018 label (official test AKIEC)."""
+    rows = manifest[manifest["split"] == split]
+    return rows[rows["label"].notna() | rows["label_2018"].notna()].reset_index(drop=True)
+
+
+def predict(
+    model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int, cache: dict[str, Any], tta: str = "none"
+) -> np.ndarray:
+    """Softmax probabilities [N, 8] for the manifest rows of ``frame``, in order, averaged over the TTA views."""
+    if tta not in TTA:
+        raise ValueError(f"unknown evaluate.tta {tta!r}; choose one of {', '.join(TTA)}")
     spec = PipelineSpec(image_size=image_size, batch_size=batch_size)
-    data = make_inputs(frame, spec, AugmentParams(), training=False, cache=cache)
-    return model.predict(data.map(lambda images, labels: images), verbose=0)
+    data = make_inputs(frame.fillna({"label": CODES[0]}), spec, AugmentParams(), training=False, cache=cache)
+    views = [
+        model.predict(data.map(lambda images, labels, t=t: t(images)), verbose=0) for t in TTA[tta]
+    ]
+    return np.mean(views, axis=0)
 
 
-def evaluate_split(
+def score(labels: pd.Series, probabilities: np.ndarray, n_resamples: int, seed: int, n_bins: int) -> dict[str, Any]:
+    """Metrics of one set of predictions over the rows with an 8-class label."""
+    known = labels.notna().to_numpy()
+    truth = labels[known].map(INDEX).to_numpy()
+    p = probabilities[known]
+    metrics = classification_metrics(truth, p)
+    metrics["ci"] = bootstrap_ci(truth, p, n_resamples=n_resamples, seed=seed) if n_resamples else None
+    metrics["expected_calibration_error"] = expected_calibration_error(truth, p, n_bins)
+    metrics["keras_binary_accuracy"] = binary_accuracy(truth, p)
+    return metrics
+
+
+def score_isic2018(frame: pd.DataFrame, probabilities: np.ndarray, n_resamples: int, seed: int) -> Optional[dict[str, Any]]:
+    """The ISIC 2018 Test images scored in 2018's 7-class scheme (AKIEC = AK + SCC), with their 2018 labels."""
+    rows = (frame["source"].str.contains("isic2018_test", na=False) & frame["label_2018"].notna()).to_numpy()
+    if not rows.any():
+        return None
+    p = to_isic2018(probabilities[rows])
+    truth = frame.loc[rows, "label_2018"].map(LABEL_2018_INDEX).to_numpy()
+    metrics = classification_metrics(truth, p, classes=CODES_2018)
+    metrics["ci"] = bootstrap_ci(truth, p, n_resamples=n_resamples, seed=seed) if n_resamples else None
+    return metrics
+
+
+def write_predictions(frame: pd.DataFrame, probabilities: np.ndarray, path: Path, columns=CODES, label: str = "label") -> Path:
+    table = pd.DataFrame(probabilities, columns=list(columns))
+    table.insert(0, "image", frame["image_id"].to_numpy())
+    table["label"] = frame[label].to_numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False, float_format="%.6f")
+    return path
+
+
+def read_temperature(run_dir: Path) -> Optional[float]:
+    path = Path(run_dir) / CALIBRATION
+    return json.loads(path.read_text())["temperature"] if path.is_file() else None
+
+
+def evaluate(
     model: keras.Model,
     manifest: pd.DataFrame,
-    split: str,
+    cfg: Any,
     image_size: int,
-    batch_size: int,
     cache: dict[str, Any],
     out_dir: Path,
+    seed: int = 0,
+    temperature: Optional[float] = None,
+    history: Optional[pd.DataFrame] = None,
+    phase1_epochs: int = 0,
 ) -> dict[str, Any]:
-    """Predict ``split`` (rows with an 8-class label), write predictions.csv and metrics.json."""
-    frame = manifest[(manifest["split"] == split) & manifest["label"].notna()].reset_index(drop=True)
-    probabilities = predict(model, frame, image_size, batch_size, cache)
-    truth = frame["label"].map(INDEX).to_numpy()
-    metrics = classification_metrics(truth, probabilities)
-    metrics["split"] = split
-    predictions = pd.DataFrame(probabilities, columns=list(CODES))
-    predictions.insert(0, "image", frame["image_id"])
-    predictions["label"] = frame["label"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6f")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    """Evaluate ``cfg.split`` (and val), write every output into ``out_dir``; return metrics.json's content.
+
+    ``temperature``: apply this one (re-evaluation) instead of fitting one on
+    val when ``cfg.temperature_scaling`` is on.
+    """
+    out_dir = Path(out_dir)
+    split, tta = cfg.split, enum_value(cfg.tta)
+    val_rows = evaluation_rows(manifest, "val")
+    val_rows = val_rows[val_rows["label"].notna()].reset_index(drop=True)
+    rows = evaluation_rows(manifest, split)
+    if rows.empty:
+        raise ValueError(f"the {split} split holds no labelled images")
+    plain = predict(model, rows, image_size, cfg.batch_size, cache)
+    val_plain = plain if split == "val" else predict(model, val_rows, image_size, cfg.batch_size, cache)
+
+    calibration: dict[str, Any] = {"temperature": temperature, "fitted_on": None}
+    if temperature is None and cfg.temperature_scaling and len(val_rows) >= cfg.min_calibration_images:
+        temperature = fit_temperature(val_plain, val_rows["label"].map(INDEX).to_numpy())
+        calibration = {"temperature": temperature, "fitted_on": f"val ({len(val_rows)} images)"}
+        (out_dir / CALIBRATION).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / CALIBRATION).write_text(json.dumps(calibration, indent=2))
+        log.info("temperature %.3f fitted on %d val images", temperature, len(val_rows))
+    elif temperature is None and cfg.temperature_scaling:
+        log.warning("temperature scaling skipped: val holds %d images (< evaluate.min_calibration_images=%d)",
+                    len(val_rows), cfg.min_calibration_images)
+
+    def calibrated(p: np.ndarray) -> np.ndarray:
+        return p if temperature is None else apply_temperature(p, temperature)
+
+    raw = plain if tta == "none" else predict(model, rows, image_size, cfg.batch_size, cache, tta)
+    headline = calibrated(raw)
+    result: dict[str, Any] = {
+        "split": split,
+        "tta": tta,
+        "calibration": calibration,
+        split: score(rows["label"], headline, cfg.bootstrap_resamples, seed, cfg.calibration_bins),
+    }
+    if tta != "none":
+        result[f"{split}_no_tta"] = score(rows["label"], calibrated(plain), cfg.bootstrap_resamples, seed, cfg.calibration_bins)
+    if split != "val":
+        result["val"] = score(val_rows["label"], calibrated(val_plain), 0, seed, cfg.calibration_bins)
+
+    write_predictions(rows, headline, out_dir / PREDICTIONS)
+    in_2018 = (rows["source"].str.contains("isic2018_test", na=False) & rows["label_2018"].notna()).to_numpy()
+    if in_2018.any():
+        result["isic2018"] = score_isic2018(rows, headline, cfg.bootstrap_resamples, seed)
+        write_predictions(rows[in_2018], to_isic2018(headline[in_2018]), out_dir / PREDICTIONS_2018, CODES_2018, "label_2018")
+
+    labelled = rows["label"].notna().to_numpy()
+    truth = rows.loc[labelled, "label"].map(INDEX).to_numpy()
+    plot_dir = out_dir / "plots"
+    plots.roc_curves(truth, headline[labelled], plot_dir / "roc_curves.png")
+    plots.confusion_matrix_plot(np.array(result[split]["confusion_matrix"]), plot_dir / "confusion_matrix.png")
+    bins = reliability_bins(truth, headline[labelled], cfg.calibration_bins)
+    ece = result[split]["expected_calibration_error"]
+    if temperature is None:
+        plots.reliability_diagram(bins, plot_dir / "reliability.png", ece=ece)
+    else:
+        before = expected_calibration_error(truth, raw[labelled], cfg.calibration_bins)
+        result[split]["expected_calibration_error_before_temperature"] = before
+        plots.reliability_diagram(
+            reliability_bins(truth, raw[labelled], cfg.calibration_bins), plot_dir / "reliability.png", ece=before,
+            calibrated_bins=bins, calibrated_ece=ece,
+        )
+    if history is not None and len(history):
+        plots.training_curves(history, plot_dir / "training_curves.png", phase1_epochs)
+
+    (out_dir / METRICS).write_text(json.dumps(result, indent=2))
+    (out_dir / REPORT).write_text(render_report(result))
+    m = result[split]
     log.info(
-        "%s split, %d images: balanced accuracy %.3f, top-1 accuracy %.3f, mean AUC %s",
-        split, metrics["n"], metrics["balanced_accuracy"], metrics["top1_accuracy"],
-        "n/a" if metrics["mean_auc"] is None else f"{metrics['mean_auc']:.3f}",
+        "%s split, %d images: balanced accuracy %.3f (95%% CI %s), top-1 accuracy %.3f, mean AUC %s",
+        split, m["n"], m["balanced_accuracy"], _ci_text(m), m["top1_accuracy"],
+        "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.3f}",
     )
-    return metrics
+    return result
+
+
+def _ci_text(metrics: dict[str, Any]) -> str:
+    ci = (metrics.get("ci") or {}).get("balanced_accuracy") or {}
+    return "n/a" if ci.get("low") is None else f"{ci['low']:.3f}-{ci['high']:.3f}"
+
+
+def overridden(overrides: Sequence[str], group: str) -> list[str]:
+    """The ``group.*`` overrides of a command line, as a dotlist."""
+    return [o.lstrip("+") for o in overrides if o.lstrip("+").startswith(f"{group}.")]
+
+
+def evaluate_main_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Re-evaluate a finished run (``run_dir``), or an exported model on a manifest (``export_dir`` + ``manifest``)."""
+    if cfg.run_dir:
+        run = load_run(cfg.run_dir)
+        settings = validate(OmegaConf.create({"evaluate": run.cfg.evaluate}), EvaluateOnly).evaluate
+        settings = OmegaConf.merge(settings, OmegaConf.from_dotlist(overridden(overrides, "evaluate")).get("evaluate", {}))
+        model, manifest, image_size, cache = run.model(), run.manifest, int(run.cfg.model.image_size), run.cache
+        temperature = read_temperature(run.run_dir) if settings.temperature_scaling else None
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else run.run_dir / "eval" / f"{settings.split}_tta-{enum_value(settings.tta)}"
+    elif cfg.export_dir and cfg.manifest and cfg.out_dir:
+        run, settings = None, cfg.evaluate
+        labels = read_labels(Path(cfg.export_dir))
+        model = keras.models.load_model(Path(cfg.export_dir) / KERAS_MODEL)
+        manifest, image_size = read_manifest(Path(cfg.manifest)), int(labels["input"]["size"][0])
+        cache = OmegaConf.to_container(cfg.cache, resolve=True)
+        # The exported model already applies its temperature: never fit or apply a second one.
+        temperature, settings = None, OmegaConf.merge(settings, {"temperature_scaling": False})
+        out_dir = Path(cfg.out_dir)
+    else:
+        raise ConfigError("give run_dir=<a training run dir>, or export_dir=..., manifest=... and out_dir=...")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate(model, manifest, settings, image_size, cache, out_dir, seed=cfg.seed, temperature=temperature)
+    if run is not None and cfg.log_to_mlflow:
+        tag = f"{settings.split}_tta-{enum_value(settings.tta)}"
+        with tracking.run(run.cfg, run.run_dir, run.run_dir.name, stage="evaluate", new=cfg.new_mlflow_run) as run_id:
+            if run_id is not None:
+                tracking.log_metrics(flat_metrics(result[settings.split]), prefix=f"eval_{tag}_")
+                tracking.log_artifacts([out_dir], artifact_path=f"eval/{tag}")
+    log.info("wrote %s", out_dir / REPORT)
+    return result
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics, CI bounds and per-class figures of one split, as MLflow metric names."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    for name, interval in (metrics.get("ci") or {}).items():
+        for side in ("low", "high"):
+            if interval.get(side) is not None:
+                flat[f"{name}_ci_{side}"] = interval[side]
+    for code, per_class in metrics.get("per_class", {}).items():
+        for key in ("auc", "sensitivity", "specificity"):
+            if per_class.get(key) is not None:
+                flat[f"{code}_{key}"] = per_class[key]
+    return flat
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate_run")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    cli.run(lambda c: evaluate_main_task(c, overrides), cfg, EvaluateRunConfig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,56 +1,423 @@
-"""What the serving backend loads: ``export/`` in the run directory.
+"""What the serving backend and the phone load: ``export/`` in the run directory.
 
-- ``model.keras``: the inference model (no training-only layers, no
-  optimizer), raw RGB 0-255 in, softmax probabilities out.
+    python -m dermascan.export run_dir=runs/train/<timestamp>              # also the last stage of train
+    python -m dermascan.export run_dir=... export.tflite=[fp32,int8_full]
+
+- ``saved_model/``: the serving SavedModel. Endpoint ``serve`` takes float32
+  [N, S, S, 3] raw RGB 0-255, ``serve_uint8`` takes uint8 pixels; both
+  return softmax probabilities. Normalisation and the fitted temperature
+  (if any) are inside it.
+- ``model.keras``: the same inference model as a Keras file.
+- ``model_<kind>.tflite`` for each of ``export.tflite``: fp32, fp16,
+  int8_dynamic (int8 weights) and int8_full (int8 weights and activations,
+  calibrated on train-split images; uint8 pixel input, float32 output).
+- ``parity.json``: every format run on a sample of the test split against
+  the Keras model: top-1 agreement, max |probability difference|, balanced
+  accuracy, file size and batch-1 latency. A format below
+  ``export.min_agreement`` is not kept, and the export fails naming it.
 - ``labels.json``: class order, codes, names, lay descriptions, categories,
   the input size and the preprocessing contract.
+- ``model_card.md``: data, metrics with CIs, intended use and limits.
+- ``MANIFEST.sha256``: a checksum of every other file (``sha256sum -c``
+  format), checked by ``verify_manifest`` when the server starts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
+import time
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
+import hydra
 import keras
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
 
-from dermascan import __version__
+from dermascan import __version__, cli
 from dermascan.augment import IDGAugmentation
-from dermascan.classes import CLASSES
+from dermascan.classes import CLASSES, INDEX
+from dermascan.config import ExportRunConfig, config_dir
+from dermascan.errors import DermascanError
+from dermascan.metrics import classification_metrics
+from dermascan.model import TemperatureScaling
+from dermascan.rundir import Run, load_images, load_run, sample_rows
+from dermascan.runtime import (
+    KERAS_MODEL,
+    LABELS,
+    SAVED_MODEL,
+    TFLITE_KINDS,
+    keras_predictor,
+    savedmodel_predictor,
+    tflite_name,
+    tflite_predictor,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.sha256"
+PARITY = "parity.json"
+CARD = "model_card.md"
+DISCLAIMER = (
+    "This is not a diagnosis. dermascan is a research model that ranks eight dermoscopic lesion classes; "
+    "only a clinician who examines the lesion can diagnose it. See a doctor about any lesion that worries you."
+)
 
 
-def inference_model(model: keras.Model) -> keras.Model:
-    """The same weights, uncompiled, without training-only layers (on-accelerator augmentation)."""
-    if not any(isinstance(layer, IDGAugmentation) for layer in model.layers):
-        return keras.Model(model.inputs, model.outputs, name=model.name)
+class ExportError(DermascanError):
+    """An export could not be written, or failed its parity check."""
+
+
+class ManifestError(DermascanError):
+    """An export folder does not match its MANIFEST.sha256."""
+
+
+def inference_model(model: keras.Model, temperature: Optional[float] = None) -> keras.Model:
+    """The same weights, uncompiled, without training-only layers, with the temperature if one is given."""
     inputs = model.inputs[0]
-    x = inputs
-    for layer in model.layers[1:]:
-        if not isinstance(layer, IDGAugmentation):
-            x = layer(x)
+    if any(isinstance(layer, IDGAugmentation) for layer in model.layers):
+        x = inputs
+        for layer in model.layers[1:]:
+            if not isinstance(layer, IDGAugmentation):
+                x = layer(x)
+    else:
+        x = model.outputs[0]
+    if temperature is not None and temperature != 1.0:
+        x = TemperatureScaling(temperature, name="temperature")(x)
     return keras.Model(inputs, x, name=model.name)
 
 
-def labels_json(image_size: int) -> dict:
+def labels_json(image_size: int, resize_method: str = "bilinear", temperature: Optional[float] = None,
+                model_version: Optional[str] = None) -> dict:
     return {
         "version": __version__,
+        "model_version": model_version or __version__,
         "classes": [
             {"index": i, "code": c.code, "name": c.name, "description": c.description, "category": c.category.value}
             for i, c in enumerate(CLASSES)
         ],
         "input": {
+            "size": [image_size, image_size],
             "shape": [None, image_size, image_size, 3],
-            "dtype": "float32 (uint8 values are accepted)",
+            "channels": "RGB",
+            "dtype": "float32 or uint8 (SavedModel endpoints serve / serve_uint8; int8_full TFLite takes uint8)",
             "pixels": "raw RGB, 0-255, no normalisation: preprocessing is inside the model",
-            "resize": f"squash the whole image to {image_size}x{image_size} (no crop), bilinear",
+            "resize": {"method": resize_method, "mode": "squash", "library": "PIL",
+                       "note": f"squash the whole image to {image_size}x{image_size} (no crop), as training does"},
         },
         "output": "softmax probabilities, in the order of 'classes'",
+        "temperature": temperature,
+        "disclaimer": DISCLAIMER,
     }
 
 
-def export(model: keras.Model, out_dir: Path, image_size: int) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keras_path = out_dir / "model.keras"
-    inference_model(model).save(keras_path)
-    labels_path = out_dir / "labels.json"
-    labels_path.write_text(json.dumps(labels_json(image_size), indent=2))
-    return [keras_path, labels_path]
+def write_saved_model(model: keras.Model, path: Path, image_size: int) -> None:
+    """A SavedModel with float32 (``serve``, also ``serving_default``) and uint8 (``serve_uint8``) endpoints."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    shape = [None, image_size, image_size, 3]
+    archive.add_endpoint(
+        "serve", lambda images: model(images, training=False),
+        input_signature=[tf.TensorSpec(shape, tf.float32, name="images")],
+    )
+    archive.add_endpoint(
+        "serve_uint8", lambda images: model(tf.cast(images, tf.float32), training=False),
+        input_signature=[tf.TensorSpec(shape, tf.uint8, name="images")],
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+def convert_tflite(saved_model: Path, kind: str, representative: Optional[np.ndarray] = None) -> bytes:
+    """Convert the SavedModel's ``serve`` endpoint to TFLite ``kind``."""
+    if kind not in TFLITE_KINDS:
+        raise ExportError(f"unknown export.tflite kind {kind!r}; choose from {', '.join(TFLITE_KINDS)}")
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serve"])
+    if kind != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if kind == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    if kind == "int8_full":
+        if representative is None or not len(representative):
+            raise ExportError("int8_full needs representative images from the train split")
+
+        def samples():
+            for image in representative:
+                yield [image[None].astype(np.float32)]
+
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        # Raw pixels are 0-255 integers: a uint8 input (scale ~1, set by the calibration images' range)
+        # takes decoded images as they are; ai_edge_litert callers quantise with the input's scale.
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.float32
+    return converter.convert()
+
+
+def batch1_latency_ms(predict, image: np.ndarray, runs: int) -> Optional[float]:
+    """Median wall time of ``runs`` single-image predictions, after one warm-up."""
+    if runs <= 0:
+        return None
+    predict(image[None])
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(image[None])
+        times.append(time.perf_counter() - start)
+    return round(1000 * float(np.median(times)), 3)
+
+
+def compare(reference: np.ndarray, probabilities: np.ndarray, labels: Optional[np.ndarray]) -> dict[str, Any]:
+    """Top-1 agreement and max |difference| with the reference, and balanced accuracy on ``labels``."""
+    result = {
+        "top1_agreement": float(np.mean(reference.argmax(1) == probabilities.argmax(1))),
+        "max_abs_diff": float(np.max(np.abs(reference - probabilities))),
+    }
+    if labels is not None and len(labels):
+        result["balanced_accuracy"] = classification_metrics(labels, probabilities)["balanced_accuracy"]
+    return result
+
+
+def below_agreement(formats: dict[str, dict[str, Any]], min_agreement: float) -> list[str]:
+    """The formats whose top-1 agreement with Keras is below ``min_agreement``, each with its figure."""
+    return [
+        f"{name}: top-1 agreement {result['top1_agreement']:.4f} < {min_agreement}"
+        for name, result in formats.items()
+        if result["top1_agreement"] < min_agreement
+    ]
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(export_dir: Path) -> list[str]:
+    return sorted(
+        p.relative_to(export_dir).as_posix() for p in export_dir.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_manifest(export_dir: Path) -> Path:
+    """``MANIFEST.sha256``: ``<sha256>  <relative path>`` for every file, as ``sha256sum`` writes it."""
+    lines = [f"{sha256(export_dir / name)}  {name}" for name in _files(export_dir)]
+    path = export_dir / MANIFEST
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def verify_manifest(export_dir: Path) -> int:
+    """Check every file against ``MANIFEST.sha256``; return the number checked, raise ManifestError if any differs.
+
+    A changed, missing or unlisted file fails: a tampered model must not be served.
+    """
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} not found; re-export the model (python -m dermascan.export)")
+    listed: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ManifestError(f"{path}, line {number}: not a '<sha256>  <relative path>' line: {line[:120]!r}")
+        listed[name] = digest
+    problems = [f"missing: {n}" for n in listed if not (export_dir / n).is_file()]
+    problems += [f"changed: {n}" for n, d in listed.items() if (export_dir / n).is_file() and sha256(export_dir / n) != d]
+    problems += [f"not in the manifest: {n}" for n in _files(export_dir) if n not in listed]
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        raise ManifestError(f"{export_dir} does not match {MANIFEST} ({len(problems)} problem(s)):\n  {shown}")
+    return len(listed)
+
+
+def export_model(
+    model: keras.Model,
+    out_dir: Path,
+    *,
+    image_size: int,
+    tflite: Sequence[str] = TFLITE_KINDS,
+    resize_method: str = "bilinear",
+    temperature: Optional[float] = None,
+    parity_images: Optional[np.ndarray] = None,
+    parity_labels: Optional[np.ndarray] = None,
+    representative: Optional[np.ndarray] = None,
+    min_agreement: float = 0.99,
+    latency_runs: int = 0,
+    model_version: Optional[str] = None,
+    card: Optional[str] = None,
+) -> dict[str, Any]:
+    """Write ``out_dir`` from a trained Keras model; return the parity report.
+
+    ``parity_images`` (uint8 [N, S, S, 3], default: random pixels) are run
+    through every format and compared with the Keras model. A TFLite format
+    whose top-1 agreement is below ``min_agreement`` is removed and, after
+    everything else is written, the export raises ExportError naming it.
+    """
+    out_dir = Path(out_dir)
+    unknown = [kind for kind in tflite if kind not in TFLITE_KINDS]
+    if unknown:
+        raise ExportError(f"unknown export.tflite kind(s) {unknown}; choose from {', '.join(TFLITE_KINDS)}")
+    if "int8_full" in tflite and (representative is None or not len(representative)):
+        raise ExportError("export.tflite int8_full needs representative images (from the train split)")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    serving = inference_model(model, temperature)
+    if parity_images is None or not len(parity_images):
+        parity_images = np.random.default_rng(0).integers(0, 256, (16, image_size, image_size, 3), dtype=np.uint8)
+        parity_labels = None
+    parity_images = np.asarray(parity_images, np.uint8)
+    reference = np.asarray(serving.predict(parity_images.astype(np.float32), batch_size=32, verbose=0))
+    report: dict[str, Any] = {
+        "n_images": int(len(parity_images)),
+        "source": "test split" if parity_labels is not None else "random pixels (no test images given)",
+        "min_agreement": min_agreement,
+        "formats": {},
+    }
+    if parity_labels is not None:
+        report["keras_balanced_accuracy"] = classification_metrics(parity_labels, reference)["balanced_accuracy"]
+    probe = parity_images[0]
+
+    started = time.perf_counter()
+    serving.save(out_dir / KERAS_MODEL)
+    write_saved_model(serving, out_dir / SAVED_MODEL, image_size)
+    log.info("wrote %s and %s/ in %.1f s", KERAS_MODEL, SAVED_MODEL, time.perf_counter() - started)
+    for name, predict in (("keras", keras_predictor(out_dir / KERAS_MODEL)),
+                          ("savedmodel", savedmodel_predictor(out_dir / SAVED_MODEL))):
+        report["formats"][name] = compare(reference, predict(parity_images), parity_labels)
+        report["formats"][name]["latency_ms"] = batch1_latency_ms(predict, probe, latency_runs)
+
+    for kind in tflite:
+        started = time.perf_counter()
+        content = convert_tflite(out_dir / SAVED_MODEL, kind, representative)
+        predict = tflite_predictor(content)
+        result = compare(reference, predict(parity_images), parity_labels)
+        result["bytes"] = len(content)
+        result["latency_ms"] = batch1_latency_ms(predict, probe, latency_runs)
+        result["file"] = tflite_name(kind)
+        report["formats"][f"tflite_{kind}"] = result
+        result["kept"] = not below_agreement({kind: result}, min_agreement)
+        if result["kept"]:
+            (out_dir / tflite_name(kind)).write_bytes(content)
+        log.info(
+            "tflite %s: %.2f MB, top-1 agreement %.4f, max |diff| %.2g%s (%.1f s)",
+            kind, len(content) / 1e6, result["top1_agreement"], result["max_abs_diff"],
+            "" if result["kept"] else " -- below export.min_agreement, not kept", time.perf_counter() - started,
+        )
+    fp32 = report["formats"].get("tflite_fp32")
+    for result in report["formats"].values():
+        if fp32 and "bytes" in result:
+            result["size_vs_fp32"] = round(result["bytes"] / fp32["bytes"], 4)
+        if fp32 and fp32["latency_ms"] and result.get("latency_ms"):
+            result["latency_vs_tflite_fp32"] = round(result["latency_ms"] / fp32["latency_ms"], 3)
+
+    (out_dir / PARITY).write_text(json.dumps(report, indent=2))
+    (out_dir / LABELS).write_text(json.dumps(labels_json(image_size, resize_method, temperature, model_version), indent=2))
+    if card is not None:
+        (out_dir / CARD).write_text(card)
+    write_manifest(out_dir)
+    failed = below_agreement(report["formats"], min_agreement)
+    if failed:
+        raise ExportError(
+            "export parity check failed, so these formats were not written:\n  " + "\n  ".join(failed)
+            + f"\nSee {out_dir / PARITY}. Lower export.min_agreement only if that loss is acceptable, "
+            "or leave the format out of export.tflite."
+        )
+    return report
+
+
+
+def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[Path] = None,
+               metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Export a run's model with everything ``export_model`` needs, drawn from the run dir.
+
+    Parity images are a seeded sample of ``cfg.parity_split``; int8_full is
+    calibrated on a sample of the train split; the temperature comes from
+    the run's calibration.json; the model card from its summary and metrics.
+    """
+    from dermascan.card import model_card
+    from dermascan.evaluate import CALIBRATION, METRICS, evaluation_rows
+
+    run_dir = run.run_dir
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    image_size = int(run.cfg.model.image_size)
+    seed = int(run.cfg.get("seed", 0))
+    parity_rows = evaluation_rows(run.manifest, cfg.parity_split)
+    parity_rows = sample_rows(parity_rows[parity_rows["label"].notna()], cfg.parity_samples, seed)
+    parity_images = load_images(parity_rows, image_size, run.cache)
+    representative = None
+    if "int8_full" in cfg.tflite:
+        train_rows = run.manifest[(run.manifest["split"] == "train") & run.manifest["label"].notna()]
+        representative = load_images(sample_rows(train_rows, cfg.representative_samples, seed), image_size, run.cache)
+    calibration = run_dir / CALIBRATION
+    temperature = json.loads(calibration.read_text())["temperature"] if calibration.is_file() else None
+    if metrics is None and (run_dir / METRICS).is_file():
+        metrics = json.loads((run_dir / METRICS).read_text())
+    version = f"{__version__}+{run_dir.name}"
+    plain_cfg = OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True)
+    log.info(
+        "exporting to %s: SavedModel, .keras, TFLite %s; parity on %d %s images",
+        out_dir, list(cfg.tflite), len(parity_images), cfg.parity_split,
+    )
+    report = export_model(
+        model, out_dir, image_size=image_size, tflite=list(cfg.tflite),
+        resize_method=run.cfg.data.cache.method, temperature=temperature,
+        parity_images=parity_images, parity_labels=parity_rows["label"].map(INDEX).to_numpy(),
+        representative=representative, min_agreement=cfg.min_agreement, latency_runs=cfg.latency_runs,
+        model_version=version, card=model_card(plain_cfg, run.summary, metrics, version, temperature),
+    )
+    if cfg.coreml:
+        write_coreml(out_dir, image_size)
+    return report
+
+
+def write_coreml(out_dir: Path, image_size: int) -> Path:
+    """Convert the exported model to a Core ML ``.mlpackage`` (ML program, iOS 15+, batch 1, float32 0-255 RGB).
+
+    Only conversion can be checked here: Core ML runs on Apple platforms only.
+    """
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise ExportError("export.coreml=true needs coremltools: pip install 'dermascan[coreml]'") from None
+    model = keras.models.load_model(out_dir / KERAS_MODEL, compile=False)
+    spec = tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
+    function = tf.function(lambda images: model(images, training=False)).get_concrete_function(spec)
+    converted = ct.convert([function], source="tensorflow", inputs=[ct.TensorType(shape=(1, image_size, image_size, 3))])
+    target = out_dir / "model.mlpackage"
+    converted.save(str(target))
+    write_manifest(out_dir)
+    log.info("wrote %s (converted only: Core ML cannot run on Linux)", target)
+    return target
+
+
+def export_main_task(cfg: DictConfig) -> dict[str, Any]:
+    run = load_run(cfg.run_dir)
+    report = export_run(run, run.model(), cfg.export, Path(cfg.out_dir) if cfg.out_dir else None)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run.run_dir / "export"
+    if cfg.log_to_mlflow:
+        from dermascan import tracking
+
+        with tracking.run(run.cfg, run.run_dir, run.run_dir.name, stage="export") as run_id:
+            if run_id is not None:
+                tracking.log_artifacts([out_dir], artifact_path="export")
+    for name, result in report["formats"].items():
+        log.info("%-20s top-1 agreement %.4f  max |diff| %.2g  %s", name, result["top1_agreement"],
+                 result["max_abs_diff"], f"{result['latency_ms']} ms" if result.get("latency_ms") else "")
+    log.info("wrote %s (checked by %s)", out_dir, MANIFEST)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export_run")
+def main(cfg: DictConfig) -> None:
+    cli.run(export_main_task, cfg, ExportRunConfig)
+
+
+if __name__ == "__main__":
+    main()

@@ -109,7 +109,9 @@ def legacy_iterator(
     training: bool,
 ) -> Any:
     """The ``legacy`` engine: ImageDataGenerator.flow_from_dataframe."""
-    from tensorflow.keras.preprocessing.image import ImageDataGenerator  # deprecated; only here
+    from tensorflow.keras.preprocessing.image import (
+        ImageDataGenerator,  # deprecated; only here
+    )
 
     label_indices(labels)
     generator = ImageDataGenerator(**params.idg_kwargs()) if training else ImageDataGenerator()

@@ -78,8 +78,12 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 
 @contextmanager
-def run(cfg: DictConfig, run_dir: Path, run_name: str) -> Iterator[Optional[str]]:
-    """Start (or, for a resumed run dir, reopen) the MLflow run; yield its id."""
+def run(cfg: DictConfig, run_dir: Path, run_name: str, stage: str = "train", new: bool = False) -> Iterator[Optional[str]]:
+    """Start (or, for a run dir that has one, reopen) the MLflow run; yield its id.
+
+    Re-evaluation and re-export reopen the training's run; ``new=True``
+    starts a separate run instead, tagged with ``stage`` and the run dir.
+    """
     tracking = cfg.tracking
     if not tracking.enabled:
         yield None
@@ -96,15 +100,16 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str) -> Iterator[Optional[str]
     else:
         experiment_id = experiment.experiment_id
     id_file = run_dir / RUN_ID_FILE
-    resume_id = id_file.read_text().strip() if id_file.is_file() else None
+    resume_id = id_file.read_text().strip() if id_file.is_file() and not new else None
     with mlflow.start_run(run_id=resume_id, experiment_id=None if resume_id else experiment_id, run_name=run_name) as active:
-        id_file.write_text(active.info.run_id)
+        if not new:
+            id_file.write_text(active.info.run_id)
         if resume_id is None:
             params = flatten(cfg)
             items = list(params.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i : i + 100]))
-            mlflow.set_tags({"run_dir": str(run_dir.resolve()), "stage": "train"})
+            mlflow.set_tags({"run_dir": str(run_dir.resolve()), "stage": stage})
         log.info("MLflow run %s (%s) in experiment %r at %s", run_name, active.info.run_id, tracking.experiment, tracking.uri)
         yield active.info.run_id
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,17 +29,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from dermascan import cli, tracking
 from dermascan.augment import AugmentParams, IDGAugmentation, resolve_device
-from dermascan.class_weights import class_weights, format_table, keras_class_weight, save
+from dermascan.class_weights import (
+    class_weights,
+    format_table,
+    keras_class_weight,
+    save,
+)
 from dermascan.config import RunConfig, config_dir
+from dermascan.data.cache import cached_paths
 from dermascan.errors import ConfigError
-from dermascan.evaluate import evaluate_split
-from dermascan.export import export
+from dermascan.data.manifest import MANIFEST, SUMMARY as MANIFEST_SUMMARY
+from dermascan.evaluate import CALIBRATION, METRICS, PREDICTIONS, REPORT, evaluate, flat_metrics
+from dermascan.export import export_run
 from dermascan.fit import BEST, HISTORY, run_phases, steps_for
 from dermascan.ingest import ingest
-from dermascan.data.cache import cached_paths
 from dermascan.inputs import PipelineSpec, make_inputs, naming_broken_files
 from dermascan.model import build_model
 from dermascan.plots import training_curves
+from dermascan.rundir import Run
 
 log = logging.getLogger("dermascan.train")
 
@@ -120,6 +128,9 @@ def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -
 def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
     ingested = ingest(cfg)
     manifest = ingested.manifest
+    # The run dir keeps its own copy: re-evaluation, export and the notebook read it, not data/processed.
+    shutil.copyfile(ingested.manifest_path, run_dir / MANIFEST)
+    shutil.copyfile(ingested.summary_path, run_dir / MANIFEST_SUMMARY)
     train_rows = manifest[(manifest["split"] == "train") & manifest["label"].notna()]
     val_rows = manifest[(manifest["split"] == "val") & manifest["label"].notna()]
 
@@ -189,17 +200,16 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         best_path = run_dir / BEST
         best = keras.models.load_model(best_path) if best_path.is_file() else model
         artifacts["checkpoint"] = best_path
-        metrics = {
-            "val": evaluate_split(best, manifest, "val", cfg.model.image_size, cfg.evaluate.batch_size, cache, run_dir / "eval" / "val"),
-            cfg.evaluate.split: evaluate_split(
-                best, manifest, cfg.evaluate.split, cfg.model.image_size, cfg.evaluate.batch_size, cache, run_dir
-            ),
-        }
-        artifacts["metrics"] = run_dir / "metrics.json"
-        artifacts["predictions"] = run_dir / "predictions.csv"
+        evaluation = evaluate(
+            best, manifest, cfg.evaluate, cfg.model.image_size, cache, run_dir, seed=cfg.seed
+        )
+        metrics = {"val": evaluation["val"], cfg.evaluate.split: evaluation[cfg.evaluate.split]}
+        artifacts["metrics"] = run_dir / METRICS
+        artifacts["report"] = run_dir / REPORT
+        artifacts["predictions"] = run_dir / PREDICTIONS
         if cfg.export.enabled:
-            exported = export(best, run_dir / "export", cfg.model.image_size)
-            artifacts["export"] = exported[0].parent
+            export_run(Run(run_dir, cfg, manifest), best, cfg.export, metrics=evaluation)
+            artifacts["export"] = run_dir / "export"
         metrics["epochs"] = {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]}
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         summary = run_dir / "summary.json"
@@ -208,16 +218,15 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
 
         if run_id is not None:
             for split_name in ("val", cfg.evaluate.split):
-                tracking.log_metrics(
-                    {k: v for k, v in metrics[split_name].items() if isinstance(v, float)}, prefix=f"final_{split_name}_"
-                )
+                tracking.log_metrics(flat_metrics(metrics[split_name]), prefix=f"final_{split_name}_")
             tracking.log_artifacts([run_dir / "config.yaml"], artifact_path="config")
             hydra_dir = run_dir / ".hydra"
             if hydra_dir.is_dir():
                 tracking.log_artifacts([hydra_dir], artifact_path="config/hydra")
             tracking.log_artifacts(
-                [ingested.summary_path, run_dir / "class_weights.json", run_dir / HISTORY, run_dir / "metrics.json",
-                 run_dir / "predictions.csv", run_dir / "summary.json"]
+                [run_dir / MANIFEST_SUMMARY, run_dir / "class_weights.json", run_dir / HISTORY, run_dir / METRICS,
+                 run_dir / REPORT, run_dir / CALIBRATION, run_dir / "summary.json"]
+                + sorted(run_dir.glob("predictions*.csv"))
             )
             tracking.log_artifacts([run_dir / "plots"], artifact_path="plots")
             if "export" in artifacts:

@@ -1,0 +1,111 @@
+"""``model_card.md``: what the model was trained on, how well it does, and what it must not be used for."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from dermascan import __version__
+from dermascan.classes import CLASSES
+from dermascan.report import ci, fmt
+
+INTENDED_USE = """\
+## Intended use
+
+- A **screening aid and a research tool**: it ranks eight dermoscopic lesion classes
+  to help a user decide whether a lesion deserves a clinician's attention.
+- **It is not a diagnosis** and must never replace examination by a dermatologist,
+  nor delay it. A benign ranking does not mean a lesion is safe.
+- **Dermoscopic images only**: the training images were taken through a dermatoscope.
+  Ordinary phone photos without one are outside the training distribution, and
+  the model's outputs on them are not validated.
+"""
+
+LIMITS = """\
+## Limits
+
+- **Skin types.** The ISIC archive is dominated by fair skin (Fitzpatrick I-III),
+  mostly from Europe, Australia and the USA. Performance on darker skin types is
+  unknown and likely worse.
+- **Sites.** Acral (palms, soles), nail, mucosal and genital lesions are rare in the
+  data; so are lesions of the scalp and face in some releases. Results there are not
+  representative.
+- **Classes.** Only the 8 ISIC 2019 classes exist for the model: any other lesion
+  (or non-lesion) is forced into one of them. DF, VASC, SCC and AK have a few hundred
+  training images each; their per-class figures have wide uncertainty.
+- **Data.** Several images per lesion and duplicates across releases exist; the split
+  keeps each lesion in one split, but the test set comes from the same archive and
+  overstates performance on new clinics, devices and populations.
+- **Probabilities** are calibrated on the validation split when temperature scaling
+  is on; they are not calibrated for other populations.
+"""
+
+
+def data_section(summary: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    data = cfg.get("data", {})
+    counts = summary.get("counts", {})
+    lines = [
+        "## Data",
+        "",
+        f"- Dataset: `{data.get('name', '?')}`; releases: {', '.join(data.get('releases', [])) or '?'}.",
+        f"- {summary.get('images', '?')} images of {summary.get('lesions', '?')} lesions after merging duplicates "
+        f"and excluding {summary.get('excluded', {}).get('total', '?')} images (reasons in manifest_summary.json).",
+        f"- Split: `{data.get('split', '?')}` (val {data.get('val_fraction', '?')}, test {data.get('test_fraction', '?')}, "
+        "grouped by lesion: no lesion is in two splits).",
+        "",
+        "| class | train | val | test | total |",
+        "|---|---|---|---|---|",
+    ]
+    for code, row in counts.items():
+        lines.append(f"| {code} | {row.get('train', 0)} | {row.get('val', 0)} | {row.get('test', 0)} | {row.get('total', 0)} |")
+    return lines + [""]
+
+
+def metrics_section(metrics: Optional[dict[str, Any]]) -> list[str]:
+    if not metrics:
+        return ["## Metrics", "", "Not evaluated.", ""]
+    split = metrics["split"]
+    m = metrics[split]
+    lines = [
+        "## Metrics",
+        "",
+        f"On the {split} split ({m['n']} images; TTA `{metrics.get('tta', 'none')}`; 95% bootstrap CIs):",
+        "",
+        "| metric | value | 95% CI |",
+        "|---|---|---|",
+        f"| balanced accuracy (official ISIC metric) | {fmt(m['balanced_accuracy'])} | {ci(m, 'balanced_accuracy')} |",
+        f"| mean AUC | {fmt(m['mean_auc'])} | {ci(m, 'mean_auc')} |",
+        f"| top-1 accuracy | {fmt(m['top1_accuracy'])} | |",
+        f"| MEL sensitivity at 90% specificity | {fmt(m['per_class'].get('MEL', {}).get('sensitivity_at_specificity', {}).get('0.90'))} | |",
+        f"| expected calibration error | {fmt(m.get('expected_calibration_error'))} | |",
+        "",
+        "Per-class figures are in the run's report.md.",
+        "",
+    ]
+    return lines
+
+
+def model_card(
+    cfg: dict[str, Any],
+    summary: dict[str, Any],
+    metrics: Optional[dict[str, Any]],
+    model_version: str,
+    temperature: Optional[float],
+) -> str:
+    model = cfg.get("model", {})
+    classes = ", ".join(f"{c.code} ({c.name}, {c.category.value})" for c in CLASSES)
+    lines = [
+        f"# dermascan model card: {model_version}",
+        "",
+        f"- dermascan version: {__version__}",
+        f"- Architecture: {model.get('backbone', '?')} (alpha {model.get('alpha', '?')}, "
+        f"weights {model.get('weights')!s}) with a dense head, {model.get('image_size', '?')} px input.",
+        "- Input: raw RGB pixels 0-255, squashed (not cropped) to the input size; preprocessing is inside the model.",
+        f"- Output: softmax probabilities over {classes}.",
+        f"- Temperature scaling: {'T = ' + fmt(temperature) if temperature is not None else 'none'}.",
+        "",
+        *data_section(summary, cfg),
+        *metrics_section(metrics),
+        INTENDED_USE,
+        LIMITS,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""``report.md``: every metric named exactly, with its CI, beside the reference's published figures."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from dermascan.classes import BY_CODE
+
+# The figures the reference project published, under the names it used.
+REFERENCE = {"accuracy": 0.914, "mean_auc": 0.946, "mean_sensitivity": 0.678, "mean_specificity": 0.948}
+
+ACCURACY_NOTE = (
+    "The reference's \"accuracy\" (0.914) cannot be top-1 accuracy: with 8 classes and NV about half the "
+    "data, a macro mean specificity of 0.948 caps top-1 accuracy near 0.80. It is almost certainly Keras' "
+    "one-vs-rest `binary_accuracy` (what Keras reports as \"accuracy\" under a binary cross-entropy loss), "
+    "which counts the 7 easy \"not this class\" cells of every image. Our row shows both figures, each under "
+    "its own name; compare balanced accuracy, the official ISIC metric."
+)
+
+
+def fmt(value: Optional[float], digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def ci(metrics: dict[str, Any], name: str) -> str:
+    interval = (metrics.get("ci") or {}).get(name) or {}
+    if interval.get("low") is None:
+        return "n/a"
+    return f"{fmt(interval['low'])} - {fmt(interval['high'])}"
+
+
+def headline_table(m: dict[str, Any]) -> list[str]:
+    rows = [
+        "| metric | value | 95% CI (bootstrap) |",
+        "|---|---|---|",
+        f"| **balanced accuracy** (mean per-class recall; the official ISIC metric) | **{fmt(m['balanced_accuracy'])}** | {ci(m, 'balanced_accuracy')} |",
+        f"| mean AUC (macro, one-vs-rest, over classes with an AUC) | {fmt(m['mean_auc'])} | {ci(m, 'mean_auc')} |",
+        f"| top-1 accuracy (argmax right) | {fmt(m['top1_accuracy'])} | |",
+        f"| mean sensitivity (macro, argmax) | {fmt(m['mean_sensitivity'])} | |",
+        f"| mean specificity (macro, argmax) | {fmt(m['mean_specificity'])} | |",
+        f"| expected calibration error (top label, {'after' if 'expected_calibration_error_before_temperature' in m else 'no'} temperature scaling) | {fmt(m['expected_calibration_error'])} | |",
+    ]
+    if "expected_calibration_error_before_temperature" in m:
+        rows.append(f"| expected calibration error before temperature scaling | {fmt(m['expected_calibration_error_before_temperature'])} | |")
+    rows.append(f"| Keras `binary_accuracy` (one-vs-rest cells at 0.5; **not** accuracy) | {fmt(m['keras_binary_accuracy'])} | |")
+    return rows
+
+
+def per_class_table(m: dict[str, Any]) -> list[str]:
+    keys = [f"{float(s):.2f}" for s in m.get("specificities", [])]
+    head = "| class | support | AUC | sensitivity | specificity | PPV | NPV | F1 |" + "".join(
+        f" sens. @ spec. {float(k):.0%} |" for k in keys
+    )
+    rows = [head, "|" + "---|" * (8 + len(keys))]
+    for code, c in m["per_class"].items():
+        at = c.get("sensitivity_at_specificity", {})
+        name = BY_CODE[code].name if code in BY_CODE else code
+        rows.append(
+            f"| {code} ({name}) | {c['support']} | {fmt(c['auc'])} | {fmt(c['sensitivity'])} | {fmt(c['specificity'])} "
+            f"| {fmt(c.get('ppv'))} | {fmt(c.get('npv'))} | {fmt(c.get('f1'))} |"
+            + "".join(f" {fmt(at.get(k))} |" for k in keys)
+        )
+    return rows
+
+
+def reference_table(m: dict[str, Any]) -> list[str]:
+    return [
+        "| | \"accuracy\" as published | Keras binary accuracy | top-1 accuracy | balanced accuracy | mean AUC | mean sensitivity | mean specificity |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| reference (published) | {REFERENCE['accuracy']} | (probably the 0.914) | not published | not published "
+        f"| {REFERENCE['mean_auc']} | {REFERENCE['mean_sensitivity']} | {REFERENCE['mean_specificity']} |",
+        f"| this run | | {fmt(m['keras_binary_accuracy'])} | {fmt(m['top1_accuracy'])} | {fmt(m['balanced_accuracy'])} "
+        f"| {fmt(m['mean_auc'])} | {fmt(m['mean_sensitivity'])} | {fmt(m['mean_specificity'])} |",
+    ]
+
+
+def confusion_table(m: dict[str, Any]) -> list[str]:
+    classes = m["classes"]
+    rows = ["| true \\ predicted | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+    rows += [f"| {code} | " + " | ".join(str(v) for v in row) + " |" for code, row in zip(classes, m["confusion_matrix"])]
+    return rows
+
+
+def render_report(result: dict[str, Any]) -> str:
+    """The markdown report of an ``evaluate`` result (metrics.json's content)."""
+    split = result["split"]
+    m = result[split]
+    temperature = (result.get("calibration") or {}).get("temperature")
+    lines = [
+        f"# Evaluation report: {split} split",
+        "",
+        f"{m['n']} images with an 8-class label. Test-time augmentation: `{result['tta']}`. "
+        f"Temperature scaling: {'T = ' + fmt(temperature) + ' (fitted on val)' if temperature is not None else 'none'}. "
+        f"CIs: {((m.get('ci') or {}).get('balanced_accuracy') or {}).get('n_resamples', 'no')} bootstrap resamples of the images.",
+        "",
+        "## Overall",
+        "",
+        *headline_table(m),
+        "",
+    ]
+    if f"{split}_no_tta" in result:
+        plain = result[f"{split}_no_tta"]
+        lines += [
+            f"## Test-time augmentation `{result['tta']}` against none",
+            "",
+            "| | balanced accuracy | 95% CI | mean AUC | top-1 accuracy |",
+            "|---|---|---|---|---|",
+            f"| with TTA `{result['tta']}` | {fmt(m['balanced_accuracy'])} | {ci(m, 'balanced_accuracy')} | {fmt(m['mean_auc'])} | {fmt(m['top1_accuracy'])} |",
+            f"| without TTA | {fmt(plain['balanced_accuracy'])} | {ci(plain, 'balanced_accuracy')} | {fmt(plain['mean_auc'])} | {fmt(plain['top1_accuracy'])} |",
+            "",
+        ]
+    lines += ["## Per class (one-vs-rest)", "", *per_class_table(m), "",
+              "Sensitivity, specificity, PPV, NPV and F1 are of the argmax prediction; "
+              "\"sens. @ spec.\" thresholds the class's own probability at that specificity.", "",
+              "## Beside the reference", "", *reference_table(m), "", ACCURACY_NOTE, ""]
+    if "isic2018" in result:
+        o = result["isic2018"]
+        lines += [
+            "## ISIC 2018 Task 3 scheme (comparable to the 2018 leaderboard)",
+            "",
+            f"{o['n']} ISIC 2018 Test images, scored with their original 2018 labels in the 7-class scheme "
+            "(AKIEC = AK + SCC probability). Predictions: `predictions_isic2018.csv`.",
+            "",
+            "| metric | value | 95% CI |",
+            "|---|---|---|",
+            f"| balanced accuracy (ISIC 2018 7-class) | {fmt(o['balanced_accuracy'])} | {ci(o, 'balanced_accuracy')} |",
+            f"| mean AUC (ISIC 2018 7-class) | {fmt(o['mean_auc'])} | {ci(o, 'mean_auc')} |",
+            "",
+        ]
+    if "val" in result and split != "val":
+        v = result["val"]
+        lines += ["## Validation split", "",
+                  f"balanced accuracy {fmt(v['balanced_accuracy'])}, mean AUC {fmt(v['mean_auc'])}, "
+                  f"top-1 accuracy {fmt(v['top1_accuracy'])} ({v['n']} images).", ""]
+    lines += ["## Confusion matrix (counts)", "", *confusion_table(m), "",
+              "Plots: `plots/roc_curves.png`, `plots/confusion_matrix.png`, `plots/reliability.png`, "
+              "`plots/training_curves.png`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Run an exported model: the ``export/`` folder, in any of its formats.
+
+    predict = load_predictor(export_dir, "tflite")          # or "savedmodel", "keras"
+    probabilities = predict(images)                          # uint8 or float [N, S, S, 3] -> [N, 8]
+
+Every format takes raw RGB pixels (0-255) at the model's input size and
+returns softmax probabilities in the order of ``labels.json``; resizing is
+the caller's job (``dermascan.serve`` and the input pipeline do it the same
+way). TFLite models run on ``ai_edge_litert``, the maintained successor of
+``tf.lite.Interpreter``. A predictor is safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from dermascan.errors import DermascanError
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+SAVED_MODEL = "saved_model"
+KERAS_MODEL = "model.keras"
+LABELS = "labels.json"
+TFLITE_KINDS = ("fp32", "fp16", "int8_dynamic", "int8_full")
+RUNTIMES = ("savedmodel", "tflite", "keras")
+
+
+class RuntimeLoadError(DermascanError):
+    """The exported model is missing or cannot be loaded."""
+
+
+def tflite_name(kind: str) -> str:
+    return f"model_{kind}.tflite"
+
+
+def read_labels(export_dir: Path) -> dict:
+    path = Path(export_dir) / LABELS
+    if not path.is_file():
+        raise RuntimeLoadError(f"{path} not found: is {export_dir} an export folder (python -m dermascan.export)?")
+    return json.loads(path.read_text())
+
+
+def tflite_predictor(model: Path | bytes, num_threads: Optional[int] = None, batch_size: int = 32) -> Predictor:
+    """A predictor over a ``.tflite`` file (or its bytes); quantised inputs and outputs are handled."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    if isinstance(model, bytes):
+        interpreter = Interpreter(model_content=model, num_threads=num_threads)
+    else:
+        interpreter = Interpreter(model_path=str(model), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
+    lock = threading.Lock()
+    shape = {"batch": int(source["shape"][0])}
+
+    def to_input(images: np.ndarray) -> np.ndarray:
+        dtype = source["dtype"]
+        scale, zero = source["quantization"]
+        if np.issubdtype(dtype, np.integer) and scale:
+            info = np.iinfo(dtype)
+            quantised = np.round(images.astype(np.float32) / scale + zero)
+            return np.clip(quantised, info.min, info.max).astype(dtype)
+        return images.astype(dtype)
+
+    def from_output(values: np.ndarray) -> np.ndarray:
+        scale, zero = target["quantization"]
+        if np.issubdtype(values.dtype, np.integer) and scale:
+            return (values.astype(np.float32) - zero) * scale
+        return values.astype(np.float32)
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        if chunk.shape[0] != shape["batch"]:
+            interpreter.resize_tensor_input(source["index"], list(chunk.shape))
+            interpreter.allocate_tensors()
+            shape["batch"] = chunk.shape[0]
+        interpreter.set_tensor(source["index"], to_input(chunk))
+        interpreter.invoke()
+        return from_output(interpreter.get_tensor(target["index"]))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        with lock:
+            return np.concatenate([run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+    return predict
+
+
+def savedmodel_predictor(path: Path) -> Predictor:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            return loaded.serve_uint8(tf.constant(images)).numpy()
+        return loaded.serve(tf.constant(images, tf.float32)).numpy()
+
+    return predict
+
+
+def keras_predictor(path: Path) -> Predictor:
+    import keras
+
+    import dermascan.model  # noqa: F401  registers TemperatureScaling, which exported models may hold
+
+    model = keras.models.load_model(path, compile=False)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict_on_batch(np.asarray(images, np.float32)))
+
+    return predict
+
+
+def load_predictor(export_dir: Path, runtime: str = "savedmodel", tflite: str = "fp32", num_threads: Optional[int] = None) -> Predictor:
+    """The predictor for ``runtime`` (savedmodel, tflite or keras) from an export folder."""
+    export_dir = Path(export_dir)
+    if runtime not in RUNTIMES:
+        raise RuntimeLoadError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "tflite":
+        if tflite not in TFLITE_KINDS:
+            raise RuntimeLoadError(f"unknown TFLite variant {tflite!r}; choose one of {', '.join(TFLITE_KINDS)}")
+        path = export_dir / tflite_name(tflite)
+    else:
+        path = export_dir / (SAVED_MODEL if runtime == "savedmodel" else KERAS_MODEL)
+    if not path.exists():
+        raise RuntimeLoadError(f"{path} not found: export it with python -m dermascan.export (export.tflite=[{tflite}])")
+    if runtime == "tflite":
+        return tflite_predictor(path, num_threads=num_threads)
+    if runtime == "savedmodel":
+        return savedmodel_predictor(path)
+    return keras_predictor(path)
