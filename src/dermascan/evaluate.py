@@ -41,7 +41,6 @@ from dermascan.errors import ConfigError
 from dermascan.inputs import PipelineSpec, make_inputs
 from dermascan.metrics import (
     CODES_2018,
-    LABEL_2018_INDEX,
     binary_accuracy,
     bootstrap_ci,
     classification_metrics,
@@ -131,7 +130,8 @@ def score_isic2018(frame: pd.DataFrame, probabilities: np.ndarray, n_resamples: 
     if not rows.any():
         return None
     p = to_isic2018(probabilities[rows])
-    truth = frame.loc[rows, "label_2018"].map(LABEL_2018_INDEX).to_numpy()
+    # label_2018 holds the original 2018 codes (MEL, NV, BCC, AKIEC, BKL, DF, VASC)
+    truth = frame.loc[rows, "label_2018"].map({code: i for i, code in enumerate(CODES_2018)}).to_numpy()
     metrics = classification_metrics(truth, p, classes=CODES_2018)
     metrics["ci"] = bootstrap_ci(truth, p, n_resamples=n_resamples, seed=seed) if n_resamples else None
     return metrics
