@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dermascan import cli, plots, tracking
 from dermascan.augment import AugmentParams
-from dermascan.calibration import apply_temperature, fit_temperature
+from dermascan.calibration import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
 from dermascan.classes import CODES, INDEX
 from dermascan.config import EvaluateConfig, EvaluateRunConfig, config_dir, validate
 from dermascan.data.manifest import read as read_manifest
@@ -180,11 +180,19 @@ def evaluate(
 
     calibration: dict[str, Any] = {"temperature": temperature, "fitted_on": None}
     if temperature is None and cfg.temperature_scaling and len(val_rows) >= cfg.min_calibration_images:
-        temperature = fit_temperature(val_plain, val_rows["label"].map(INDEX).to_numpy())
-        calibration = {"temperature": temperature, "fitted_on": f"val ({len(val_rows)} images)"}
+        fitted = fit_temperature(val_plain, val_rows["label"].map(INDEX).to_numpy())
+        if min(TEMPERATURE_BOUNDS) < fitted < max(TEMPERATURE_BOUNDS):
+            temperature = fitted
+            calibration = {"temperature": temperature, "fitted_on": f"val ({len(val_rows)} images)"}
+            log.info("temperature %.3f fitted on %d val images", temperature, len(val_rows))
+        else:
+            # A val split the model gets (almost) all right drives T to the bound: applying it
+            # would make every probability ~0 or ~1. Keep the model's own probabilities.
+            calibration = {"temperature": None, "fitted_on": f"val ({len(val_rows)} images)",
+                           "skipped": f"the fitted temperature {fitted:.3g} is at the search bound {TEMPERATURE_BOUNDS}"}
+            log.warning("temperature scaling not applied: %s", calibration["skipped"])
         (out_dir / CALIBRATION).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / CALIBRATION).write_text(json.dumps(calibration, indent=2))
-        log.info("temperature %.3f fitted on %d val images", temperature, len(val_rows))
     elif temperature is None and cfg.temperature_scaling:
         log.warning("temperature scaling skipped: val holds %d images (< evaluate.min_calibration_images=%d)",
                     len(val_rows), cfg.min_calibration_images)
