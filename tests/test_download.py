@@ -31,7 +31,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from dermascan.config import Release, validate
-from dermascan.download import OFFICIAL_FILES, STATE_FILE, DownloadConfig, download, extract, fetch
+from dermascan.download import (
+    OFFICIAL_FILES,
+    STATE_FILE,
+    DownloadConfig,
+    download,
+    extract,
+    fetch,
+)
 from dermascan.errors import ConfigError, DownloadError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

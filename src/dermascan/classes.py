@@ -114,3 +114,9 @@ def index_of(code: str) -> int:
         return INDEX[code]
     except KeyError:
         raise ValueError(f"unknown class code {code!r}; expected one of {', '.join(CODES)}") from None
+
+# Shown with every prediction, in labels.json, the API and the model card.
+DISCLAIMER = (
+    "This is not a diagnosis. dermascan is a research model that ranks eight dermoscopic lesion classes; "
+    "only a clinician who examines the lesion can diagnose it. See a doctor about any lesion that worries you."
+)

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -40,7 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dermascan import __version__, cli
 from dermascan.augment import IDGAugmentation
-from dermascan.classes import CLASSES, INDEX
+from dermascan.checksums import MANIFEST, ManifestError, verify_manifest, write_manifest  # noqa: F401  (re-exported)
+from dermascan.classes import CLASSES, DISCLAIMER, INDEX
 from dermascan.config import ExportRunConfig, config_dir
 from dermascan.errors import DermascanError
 from dermascan.metrics import classification_metrics
@@ -59,21 +59,12 @@ from dermascan.runtime import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.sha256"
 PARITY = "parity.json"
 CARD = "model_card.md"
-DISCLAIMER = (
-    "This is not a diagnosis. dermascan is a research model that ranks eight dermoscopic lesion classes; "
-    "only a clinician who examines the lesion can diagnose it. See a doctor about any lesion that worries you."
-)
 
 
 class ExportError(DermascanError):
     """An export could not be written, or failed its parity check."""
-
-
-class ManifestError(DermascanError):
-    """An export folder does not match its MANIFEST.sha256."""
 
 
 def inference_model(model: keras.Model, temperature: Optional[float] = None) -> keras.Model:
@@ -188,52 +179,6 @@ def below_agreement(formats: dict[str, dict[str, Any]], min_agreement: float) ->
         for name, result in formats.items()
         if result["top1_agreement"] < min_agreement
     ]
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(export_dir: Path) -> list[str]:
-    return sorted(
-        p.relative_to(export_dir).as_posix() for p in export_dir.rglob("*") if p.is_file() and p.name != MANIFEST
-    )
-
-
-def write_manifest(export_dir: Path) -> Path:
-    """``MANIFEST.sha256``: ``<sha256>  <relative path>`` for every file, as ``sha256sum`` writes it."""
-    lines = [f"{sha256(export_dir / name)}  {name}" for name in _files(export_dir)]
-    path = export_dir / MANIFEST
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def verify_manifest(export_dir: Path) -> int:
-    """Check every file against ``MANIFEST.sha256``; return the number checked, raise ManifestError if any differs.
-
-    A changed, missing or unlisted file fails: a tampered model must not be served.
-    """
-    export_dir = Path(export_dir)
-    path = export_dir / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path} not found; re-export the model (python -m dermascan.export)")
-    listed: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64 or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ManifestError(f"{path}, line {number}: not a '<sha256>  <relative path>' line: {line[:120]!r}")
-        listed[name] = digest
-    problems = [f"missing: {n}" for n in listed if not (export_dir / n).is_file()]
-    problems += [f"changed: {n}" for n, d in listed.items() if (export_dir / n).is_file() and sha256(export_dir / n) != d]
-    problems += [f"not in the manifest: {n}" for n in _files(export_dir) if n not in listed]
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        raise ManifestError(f"{export_dir} does not match {MANIFEST} ({len(problems)} problem(s)):\n  {shown}")
-    return len(listed)
 
 
 def export_model(

@@ -37,9 +37,17 @@ from dermascan.class_weights import (
 )
 from dermascan.config import RunConfig, config_dir
 from dermascan.data.cache import cached_paths
+from dermascan.data.manifest import MANIFEST
+from dermascan.data.manifest import SUMMARY as MANIFEST_SUMMARY
 from dermascan.errors import ConfigError
-from dermascan.data.manifest import MANIFEST, SUMMARY as MANIFEST_SUMMARY
-from dermascan.evaluate import CALIBRATION, METRICS, PREDICTIONS, REPORT, evaluate, flat_metrics
+from dermascan.evaluate import (
+    CALIBRATION,
+    METRICS,
+    PREDICTIONS,
+    REPORT,
+    evaluate,
+    flat_metrics,
+)
 from dermascan.export import export_run
 from dermascan.fit import BEST, HISTORY, run_phases, steps_for
 from dermascan.ingest import ingest

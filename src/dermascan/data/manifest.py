@@ -10,7 +10,6 @@ duplicates and the input files with their sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from dermascan.checksums import sha256
 from dermascan.classes import CODES
 from dermascan.data.isic import Excluded
 
@@ -25,14 +25,6 @@ COLUMNS = ["image_id", "path", "label", "source", "lesion_id", "age", "sex", "si
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 SUMMARY = "manifest_summary.json"
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
