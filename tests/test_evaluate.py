@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 
 from dermascan.classes import CODES
 from dermascan.config import EvaluateRunConfig
-from dermascan.evaluate import TTA, evaluate_main_task, predict, score, score_isic2018
-from dermascan.metrics import CODES_2018, classification_metrics, to_isic2018
+from dermascan.evaluate import TTA, choose_temperature, evaluate_main_task, predict, score, score_isic2018
+from dermascan.calibration import apply_temperature
+from dermascan.metrics import CODES_2018, classification_metrics, expected_calibration_error, to_isic2018
 from dermascan.report import render_report
 from dermascan.rundir import load_images
 
@@ -129,3 +130,23 @@ def test_evaluate_cli_needs_a_run_or_an_export_and_manifest():
 
     with pytest.raises(ConfigError, match="give run_dir"):
         evaluate_main_task(OmegaConf.structured(EvaluateRunConfig))
+
+
+def test_a_temperature_is_only_used_when_val_can_identify_it():
+    rng = np.random.default_rng(3)
+    n = 400
+    truth = rng.integers(0, 8, n)
+    logits = rng.normal(0, 1, (n, 8))
+    logits[np.arange(n), truth] += 1.5
+    overconfident = np.exp(4 * logits) / np.exp(4 * logits).sum(1, keepdims=True)
+    labels = pd.Series(np.array(CODES)[truth])
+    fitted, why = choose_temperature(overconfident, labels, min_images=50)
+    assert fitted > 2 and "fitted on val" in why  # over-confident: T > 1 softens
+    truth_idx = labels.map({c: i for i, c in enumerate(CODES)}).to_numpy()
+    after = apply_temperature(overconfident, fitted)
+    assert expected_calibration_error(truth_idx, after) < expected_calibration_error(truth_idx, overconfident) / 2
+    # every val image right: NLL falls all the way to the bound, which must not be applied
+    perfect = np.full((n, 8), 0.02)
+    perfect[np.arange(n), truth] = 0.86
+    assert choose_temperature(perfect, labels, 50) == (None, "the model gets every val image right, so no temperature can be fitted")
+    assert choose_temperature(overconfident[:20], labels[:20], 50)[0] is None

@@ -153,6 +153,11 @@ def test_export_refuses_unknown_kinds_and_int8_full_without_representative_image
     with pytest.raises(ExportError, match="representative"):
         export_model(model, tmp_path / "b", image_size=SIZE, tflite=["int8_full"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    precious = tmp_path / "run"
+    (precious / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ExportError, match="not an export folder"):  # never rmtree a folder that is not an export
+        export_model(model, precious, image_size=SIZE, tflite=[])
+    assert (precious / "checkpoints").is_dir()
 
 
 def test_registered_model_loads_from_the_registry_and_runs(exported, tmp_path, sample_pixels):

@@ -49,8 +49,7 @@ def data_section(summary: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         f"- Dataset: `{data.get('name', '?')}`; releases: {', '.join(data.get('releases', [])) or '?'}.",
         f"- {summary.get('images', '?')} images of {summary.get('lesions', '?')} lesions after merging duplicates "
         f"and excluding {summary.get('excluded', {}).get('total', '?')} images (reasons in manifest_summary.json).",
-        f"- Split: `{data.get('split', '?')}` (val {data.get('val_fraction', '?')}, test {data.get('test_fraction', '?')}, "
-        "grouped by lesion: no lesion is in two splits).",
+        split_line(data),
         "",
         "| class | train | val | test | total |",
         "|---|---|---|---|---|",
@@ -60,15 +59,23 @@ def data_section(summary: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def split_line(data: dict[str, Any]) -> str:
+    if data.get("split") == "official":
+        return "- Split: `official`: test is the ISIC 2018 Test release, val holds ISIC 2018 Validation."
+    return (f"- Split: `{data.get('split', '?')}` (val {data.get('val_fraction', '?')}, test "
+            f"{data.get('test_fraction', '?')}), stratified by class and grouped by lesion: no lesion is in two splits.")
+
+
 def metrics_section(metrics: Optional[dict[str, Any]]) -> list[str]:
     if not metrics:
         return ["## Metrics", "", "Not evaluated.", ""]
     split = metrics["split"]
-    m = metrics[split]
+    # The exported model predicts one view: quote the metrics without TTA.
+    m = metrics.get(f"{split}_no_tta", metrics[split])
     lines = [
         "## Metrics",
         "",
-        f"On the {split} split ({m['n']} images; TTA `{metrics.get('tta', 'none')}`; 95% bootstrap CIs):",
+        f"On the {split} split ({m['n']} images; one view, as the exported model predicts; 95% bootstrap CIs):",
         "",
         "| metric | value | 95% CI |",
         "|---|---|---|",

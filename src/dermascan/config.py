@@ -276,10 +276,11 @@ class EvaluateRunConfig:
     export_dir: Optional[str] = None
     manifest: Optional[str] = None
     out_dir: Optional[str] = None  # null: <run_dir>/eval/<split>_tta-<tta>
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(size=0))  # size 0: the model's input size
+    isic2018: bool = False  # export_dir mode: also score ISIC 2018 Test images in the 2018 scheme
     log_to_mlflow: bool = True
     new_mlflow_run: bool = False
-    seed: int = 42
+    seed: Optional[int] = None  # null: the run's seed (bootstrap CIs)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 

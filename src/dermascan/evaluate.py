@@ -37,7 +37,7 @@ from dermascan.calibration import TEMPERATURE_BOUNDS, apply_temperature, fit_tem
 from dermascan.classes import CODES, INDEX
 from dermascan.config import EvaluateConfig, EvaluateRunConfig, config_dir, validate
 from dermascan.data.manifest import read as read_manifest
-from dermascan.errors import ConfigError
+from dermascan.errors import ConfigError, DataError
 from dermascan.inputs import PipelineSpec, make_inputs
 from dermascan.metrics import (
     CODES_2018,
@@ -151,6 +151,24 @@ def read_temperature(run_dir: Path) -> Optional[float]:
     return json.loads(path.read_text())["temperature"] if path.is_file() else None
 
 
+def choose_temperature(probabilities: np.ndarray, labels: pd.Series, min_images: int) -> tuple[Optional[float], str]:
+    """Fit a temperature on val; return (T or None, why). None when it cannot be trusted.
+
+    A val split the model classifies perfectly (or almost) has no finite
+    optimum: T runs to the search bound and would push every probability to
+    0 or 1. Such a T is not used.
+    """
+    if len(labels) < min_images:
+        return None, f"val holds {len(labels)} images (< evaluate.min_calibration_images={min_images})"
+    truth = labels.map(INDEX).to_numpy()
+    if np.all(probabilities.argmax(1) == truth):
+        return None, "the model gets every val image right, so no temperature can be fitted"
+    fitted = fit_temperature(probabilities, truth)
+    if any(np.isclose(fitted, bound, rtol=1e-3) for bound in TEMPERATURE_BOUNDS):
+        return None, f"the fitted temperature {fitted:.3g} is at the search bound {TEMPERATURE_BOUNDS}"
+    return fitted, f"fitted on val ({len(labels)} images)"
+
+
 def evaluate(
     model: keras.Model,
     manifest: pd.DataFrame,
@@ -160,48 +178,51 @@ def evaluate(
     out_dir: Path,
     seed: int = 0,
     temperature: Optional[float] = None,
-    history: Optional[pd.DataFrame] = None,
-    phase1_epochs: int = 0,
+    isic2018: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.split`` (and val), write every output into ``out_dir``; return metrics.json's content.
 
-    ``temperature``: apply this one (re-evaluation) instead of fitting one on
-    val when ``cfg.temperature_scaling`` is on.
+    With ``cfg.temperature_scaling``, a temperature is fitted on val
+    (single view: the one export builds into the model, saved in
+    calibration.json) unless ``temperature`` is given (the exported model
+    already holds one). With TTA, the TTA probabilities get their own
+    temperature, fitted on val with the same TTA. ``isic2018``: also score
+    the ISIC 2018 Test images in the 2018 scheme (``data.split=official``).
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     split, tta = cfg.split, enum_value(cfg.tta)
     val_rows = evaluation_rows(manifest, "val")
     val_rows = val_rows[val_rows["label"].notna()].reset_index(drop=True)
     rows = evaluation_rows(manifest, split)
-    if rows.empty:
-        raise ValueError(f"the {split} split holds no labelled images")
+    if rows["label"].notna().sum() == 0:
+        raise DataError(f"the {split} split holds no images with an 8-class label to evaluate")
     plain = predict(model, rows, image_size, cfg.batch_size, cache)
-    val_plain = plain if split == "val" else predict(model, val_rows, image_size, cfg.batch_size, cache)
+    with_val = split != "val" and len(val_rows) > 0
+    val_plain = plain if split == "val" else predict(model, val_rows, image_size, cfg.batch_size, cache) if with_val else None
 
-    calibration: dict[str, Any] = {"temperature": temperature, "fitted_on": None}
-    if temperature is None and cfg.temperature_scaling and len(val_rows) >= cfg.min_calibration_images:
-        fitted = fit_temperature(val_plain, val_rows["label"].map(INDEX).to_numpy())
-        if min(TEMPERATURE_BOUNDS) < fitted < max(TEMPERATURE_BOUNDS):
-            temperature = fitted
-            calibration = {"temperature": temperature, "fitted_on": f"val ({len(val_rows)} images)"}
-            log.info("temperature %.3f fitted on %d val images", temperature, len(val_rows))
+    calibration: dict[str, Any] = {"temperature": temperature, "fitted_on": "given" if temperature else None}
+    fit = cfg.temperature_scaling and temperature is None and val_plain is not None
+    if fit:
+        temperature, why = choose_temperature(val_plain, val_rows["label"], cfg.min_calibration_images)
+        calibration = {"temperature": temperature, "fitted_on" if temperature else "skipped": why}
+        if temperature is None:
+            log.warning("temperature scaling not applied: %s", why)
         else:
-            # A val split the model gets (almost) all right drives T to the bound: applying it
-            # would make every probability ~0 or ~1. Keep the model's own probabilities.
-            calibration = {"temperature": None, "fitted_on": f"val ({len(val_rows)} images)",
-                           "skipped": f"the fitted temperature {fitted:.3g} is at the search bound {TEMPERATURE_BOUNDS}"}
-            log.warning("temperature scaling not applied: %s", calibration["skipped"])
-        (out_dir / CALIBRATION).parent.mkdir(parents=True, exist_ok=True)
+            log.info("temperature %.3f %s", temperature, why)
         (out_dir / CALIBRATION).write_text(json.dumps(calibration, indent=2))
-    elif temperature is None and cfg.temperature_scaling:
-        log.warning("temperature scaling skipped: val holds %d images (< evaluate.min_calibration_images=%d)",
-                    len(val_rows), cfg.min_calibration_images)
-
-    def calibrated(p: np.ndarray) -> np.ndarray:
-        return p if temperature is None else apply_temperature(p, temperature)
 
     raw = plain if tta == "none" else predict(model, rows, image_size, cfg.batch_size, cache, tta)
-    headline = calibrated(raw)
+    headline_temperature = temperature
+    if tta != "none" and fit and temperature is not None:
+        val_tta = predict(model, val_rows, image_size, cfg.batch_size, cache, tta)
+        headline_temperature, why = choose_temperature(val_tta, val_rows["label"], cfg.min_calibration_images)
+        calibration[f"temperature_tta_{tta}"] = headline_temperature
+
+    def calibrated(p: np.ndarray, t: Optional[float]) -> np.ndarray:
+        return p if t is None else apply_temperature(p, t)
+
+    headline = calibrated(raw, headline_temperature)
     result: dict[str, Any] = {
         "split": split,
         "tta": tta,
@@ -209,13 +230,15 @@ def evaluate(
         split: score(rows["label"], headline, cfg.bootstrap_resamples, seed, cfg.calibration_bins),
     }
     if tta != "none":
-        result[f"{split}_no_tta"] = score(rows["label"], calibrated(plain), cfg.bootstrap_resamples, seed, cfg.calibration_bins)
-    if split != "val":
-        result["val"] = score(val_rows["label"], calibrated(val_plain), 0, seed, cfg.calibration_bins)
+        result[f"{split}_no_tta"] = score(
+            rows["label"], calibrated(plain, temperature), cfg.bootstrap_resamples, seed, cfg.calibration_bins
+        )
+    if with_val:
+        result["val"] = score(val_rows["label"], calibrated(val_plain, temperature), 0, seed, cfg.calibration_bins)
 
     write_predictions(rows, headline, out_dir / PREDICTIONS)
     in_2018 = (rows["source"].str.contains("isic2018_test", na=False) & rows["label_2018"].notna()).to_numpy()
-    if in_2018.any():
+    if isic2018 and in_2018.any():
         result["isic2018"] = score_isic2018(rows, headline, cfg.bootstrap_resamples, seed)
         write_predictions(rows[in_2018], to_isic2018(headline[in_2018]), out_dir / PREDICTIONS_2018, CODES_2018, "label_2018")
 
@@ -226,7 +249,7 @@ def evaluate(
     plots.confusion_matrix_plot(np.array(result[split]["confusion_matrix"]), plot_dir / "confusion_matrix.png")
     bins = reliability_bins(truth, headline[labelled], cfg.calibration_bins)
     ece = result[split]["expected_calibration_error"]
-    if temperature is None:
+    if headline_temperature is None:
         plots.reliability_diagram(bins, plot_dir / "reliability.png", ece=ece)
     else:
         before = expected_calibration_error(truth, raw[labelled], cfg.calibration_bins)
@@ -235,8 +258,6 @@ def evaluate(
             reliability_bins(truth, raw[labelled], cfg.calibration_bins), plot_dir / "reliability.png", ece=before,
             calibrated_bins=bins, calibrated_ece=ece,
         )
-    if history is not None and len(history):
-        plots.training_curves(history, plot_dir / "training_curves.png", phase1_epochs)
 
     (out_dir / METRICS).write_text(json.dumps(result, indent=2))
     (out_dir / REPORT).write_text(render_report(result))
@@ -267,6 +288,8 @@ def evaluate_main_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[s
         settings = OmegaConf.merge(settings, OmegaConf.from_dotlist(overridden(overrides, "evaluate")).get("evaluate", {}))
         model, manifest, image_size, cache = run.model(), run.manifest, int(run.cfg.model.image_size), run.cache
         temperature = read_temperature(run.run_dir) if settings.temperature_scaling else None
+        seed = run.cfg.seed if cfg.seed is None else cfg.seed
+        isic2018 = enum_value(run.cfg.data.split) == "official"
         out_dir = Path(cfg.out_dir) if cfg.out_dir else run.run_dir / "eval" / f"{settings.split}_tta-{enum_value(settings.tta)}"
     elif cfg.export_dir and cfg.manifest and cfg.out_dir:
         run, settings = None, cfg.evaluate
@@ -274,13 +297,18 @@ def evaluate_main_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[s
         model = keras.models.load_model(Path(cfg.export_dir) / KERAS_MODEL)
         manifest, image_size = read_manifest(Path(cfg.manifest)), int(labels["input"]["size"][0])
         cache = OmegaConf.to_container(cfg.cache, resolve=True)
+        cache["size"] = cache["size"] or image_size  # resize once, to the model's size, as training did
         # The exported model already applies its temperature: never fit or apply a second one.
         temperature, settings = None, OmegaConf.merge(settings, {"temperature_scaling": False})
         out_dir = Path(cfg.out_dir)
+        seed, isic2018 = (42 if cfg.seed is None else cfg.seed), cfg.isic2018
+        if out_dir.resolve().is_relative_to(Path(cfg.export_dir).resolve()):
+            raise ConfigError(f"out_dir={out_dir} is inside export_dir: that would break the export's MANIFEST.sha256")
     else:
         raise ConfigError("give run_dir=<a training run dir>, or export_dir=..., manifest=... and out_dir=...")
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = evaluate(model, manifest, settings, image_size, cache, out_dir, seed=cfg.seed, temperature=temperature)
+    result = evaluate(model, manifest, settings, image_size, cache, out_dir, seed=seed, temperature=temperature,
+                      isic2018=isic2018)
     if run is not None and cfg.log_to_mlflow:
         tag = f"{settings.split}_tta-{enum_value(settings.tta)}"
         with tracking.run(run.cfg, run.run_dir, run.run_dir.name, stage="evaluate", new=cfg.new_mlflow_run) as run_id:

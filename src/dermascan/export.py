@@ -44,7 +44,7 @@ from dermascan.classes import CLASSES, DISCLAIMER, INDEX
 from dermascan.config import ExportRunConfig, config_dir
 from dermascan.errors import DermascanError
 from dermascan.metrics import classification_metrics
-from dermascan.model import TemperatureScaling
+from dermascan.model import LOGITS_LAYER
 from dermascan.rundir import Run, load_images, load_run, sample_rows
 from dermascan.runtime import (
     KERAS_MODEL,
@@ -68,7 +68,13 @@ class ExportError(DermascanError):
 
 
 def inference_model(model: keras.Model, temperature: Optional[float] = None) -> keras.Model:
-    """The same weights, uncompiled, without training-only layers, with the temperature if one is given."""
+    """A copy of the model for serving: uncompiled, without training-only layers, with the temperature built in.
+
+    softmax(z / T) is folded into the output layer by dividing its kernel and
+    bias by T, so the exported model holds standard layers only and loads
+    anywhere without dermascan. The argmax, and so the top-1 prediction,
+    cannot change.
+    """
     inputs = model.inputs[0]
     if any(isinstance(layer, IDGAugmentation) for layer in model.layers):
         x = inputs
@@ -77,9 +83,13 @@ def inference_model(model: keras.Model, temperature: Optional[float] = None) -> 
                 x = layer(x)
     else:
         x = model.outputs[0]
+    serving = keras.Model(inputs, x, name=model.name)
+    copy = keras.models.clone_model(serving)
+    copy.set_weights(serving.get_weights())
     if temperature is not None and temperature != 1.0:
-        x = TemperatureScaling(temperature, name="temperature")(x)
-    return keras.Model(inputs, x, name=model.name)
+        logits = copy.get_layer(LOGITS_LAYER)
+        logits.set_weights([w / temperature for w in logits.get_weights()])
+    return copy
 
 
 def labels_json(image_size: int, resize_method: str = "bilinear", temperature: Optional[float] = None,
@@ -210,7 +220,9 @@ def export_model(
         raise ExportError(f"unknown export.tflite kind(s) {unknown}; choose from {', '.join(TFLITE_KINDS)}")
     if "int8_full" in tflite and (representative is None or not len(representative)):
         raise ExportError("export.tflite int8_full needs representative images (from the train split)")
-    if out_dir.exists():
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST).is_file():
+            raise ExportError(f"{out_dir} exists and is not an export folder (no {MANIFEST}); refusing to replace it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     serving = inference_model(model, temperature)
@@ -352,6 +364,9 @@ def export_main_task(cfg: DictConfig) -> dict[str, Any]:
         with tracking.run(run.cfg, run.run_dir, run.run_dir.name, stage="export") as run_id:
             if run_id is not None:
                 tracking.log_artifacts([out_dir], artifact_path="export")
+                served = keras.models.load_model(out_dir / KERAS_MODEL, compile=False)
+                example = np.zeros((1, *served.input_shape[1:]), np.float32)
+                tracking.log_model(served, example, run.cfg.tracking)  # registers it with tracking.register=true
     for name, result in report["formats"].items():
         log.info("%-20s top-1 agreement %.4f  max |diff| %.2g  %s", name, result["top1_agreement"],
                  result["max_abs_diff"], f"{result['latency_ms']} ms" if result.get("latency_ms") else "")

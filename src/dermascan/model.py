@@ -56,6 +56,10 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
+# The head's last Dense layer, before the float32 softmax; export folds the temperature into it.
+LOGITS_LAYER = "logits"
+
+
 class WeightsError(DermascanError):
     """The backbone's weights could not be downloaded or loaded."""
 
@@ -134,7 +138,7 @@ def build_model(
         x = keras.layers.BatchNormalization(name=f"bn_{i}")(x)
         x = keras.layers.Activation("relu", name=f"relu_{i}")(x)
         x = keras.layers.Dropout(rate, name=f"dropout_{i}")(x)
-    x = keras.layers.Dense(num_classes, name="logits")(x)
+    x = keras.layers.Dense(num_classes, name=LOGITS_LAYER)(x)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name=f"dermascan_{backbone}")
     return model, base
@@ -166,24 +170,3 @@ def unfreeze(base: keras.Model, from_layer: Optional[int | str] = None, freeze_b
     for layer in base.layers[:start]:
         layer.trainable = False
     return len(names) - start
-
-
-@keras.saving.register_keras_serializable(package="dermascan")
-class TemperatureScaling(keras.layers.Layer):
-    """softmax(log(p) / T): temperature scaling applied to softmax probabilities.
-
-    log(softmax(z)) = z - logsumexp(z), so this equals softmax(z / T) on the
-    logits z, without needing them.
-    """
-
-    def __init__(self, temperature: float, **kwargs: Any) -> None:
-        kwargs["dtype"] = "float32"  # probabilities stay float32 under mixed precision
-        super().__init__(**kwargs)
-        self.temperature = float(temperature)
-
-    def call(self, probabilities):
-        logs = keras.ops.log(keras.ops.clip(keras.ops.cast(probabilities, "float32"), 1e-12, 1.0))
-        return keras.ops.softmax(logs / self.temperature, axis=-1)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "temperature": self.temperature}

@@ -108,8 +108,6 @@ def savedmodel_predictor(path: Path) -> Predictor:
 def keras_predictor(path: Path) -> Predictor:
     import keras
 
-    import dermascan.model  # noqa: F401  registers TemperatureScaling, which exported models may hold
-
     model = keras.models.load_model(path, compile=False)
 
     def predict(images: np.ndarray) -> np.ndarray:

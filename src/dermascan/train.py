@@ -48,7 +48,7 @@ from dermascan.evaluate import (
     evaluate,
     flat_metrics,
 )
-from dermascan.export import export_run
+from dermascan.export import ExportError, export_run, inference_model
 from dermascan.fit import BEST, HISTORY, run_phases, steps_for
 from dermascan.ingest import ingest
 from dermascan.inputs import PipelineSpec, make_inputs, naming_broken_files
@@ -209,14 +209,19 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         best = keras.models.load_model(best_path) if best_path.is_file() else model
         artifacts["checkpoint"] = best_path
         evaluation = evaluate(
-            best, manifest, cfg.evaluate, cfg.model.image_size, cache, run_dir, seed=cfg.seed
+            best, manifest, cfg.evaluate, cfg.model.image_size, cache, run_dir, seed=cfg.seed,
+            isic2018=cfg.data.split.value == "official",
         )
-        metrics = {"val": evaluation["val"], cfg.evaluate.split: evaluation[cfg.evaluate.split]}
+        metrics = {"val": evaluation.get("val"), cfg.evaluate.split: evaluation[cfg.evaluate.split]}
         artifacts["metrics"] = run_dir / METRICS
         artifacts["report"] = run_dir / REPORT
         artifacts["predictions"] = run_dir / PREDICTIONS
+        failure = None
         if cfg.export.enabled:
-            export_run(Run(run_dir, cfg, manifest), best, cfg.export, metrics=evaluation)
+            try:
+                export_run(Run(run_dir, cfg, manifest), best, cfg.export, metrics=evaluation)
+            except ExportError as err:  # log the training, metrics and parity.json first, then fail
+                failure = err
             artifacts["export"] = run_dir / "export"
         metrics["epochs"] = {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]}
         metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -226,7 +231,8 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
 
         if run_id is not None:
             for split_name in ("val", cfg.evaluate.split):
-                tracking.log_metrics(flat_metrics(metrics[split_name]), prefix=f"final_{split_name}_")
+                if metrics[split_name] is not None:
+                    tracking.log_metrics(flat_metrics(metrics[split_name]), prefix=f"final_{split_name}_")
             tracking.log_artifacts([run_dir / "config.yaml"], artifact_path="config")
             hydra_dir = run_dir / ".hydra"
             if hydra_dir.is_dir():
@@ -240,9 +246,13 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
             if "export" in artifacts:
                 tracking.log_artifacts([artifacts["export"]], artifact_path="export")
             example = np.zeros((1, cfg.model.image_size, cfg.model.image_size, 3), np.float32)
-            version = tracking.log_model(best, example, cfg.tracking)
+            # The model as served: the temperature folded in, training-only layers removed.
+            served = inference_model(best, evaluation["calibration"].get("temperature"))
+            version = tracking.log_model(served, example, cfg.tracking)
             if version is not None:
                 metrics["registered_version"] = version
+    if failure is not None:
+        raise failure
     test = metrics[cfg.evaluate.split]
     log.info(
         "done in %.0f s: %s balanced accuracy %.3f (top-1 accuracy %.3f) after %d + %d epochs; run dir %s",
