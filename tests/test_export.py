@@ -185,6 +185,7 @@ def test_coreml_conversion_writes_an_mlpackage_listed_in_the_manifest(exported, 
     verify_manifest(copy)
 
 
+@pytest.mark.slow  # a second SavedModel + TFLite export (~50 s); export_run itself runs in every debug train
 def test_export_cli_reexports_a_finished_run(debug_run, tmp_path):
     cfg, _, _ = debug_run
     out_dir = tmp_path / "again"

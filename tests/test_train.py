@@ -126,7 +126,8 @@ class Epochs(keras.callbacks.Callback):
         self.seen.append(epoch)
 
 
-@pytest.mark.parametrize("k", [1, 2])  # at the end of phase 1, inside phase 2
+# inside phase 2 (default run), and at the end of phase 1 (slow: the same code path, one more pair of runs)
+@pytest.mark.parametrize("k", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_at_the_next_epoch(tmp_path, k):
     cfg = debug_config(tmp_path, "train.phase1.epochs=2", "train.phase2.epochs=2")
     with pytest.raises(Interrupt):
@@ -399,11 +400,13 @@ def test_evaluate_cli_reproduces_the_run_metrics_and_logs_to_the_same_mlflow_run
     assert "eval" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_evaluate_cli_rejects_a_folder_that_is_not_a_run(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "dermascan.evaluate", f"run_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
-    assert result.returncode == 2
-    output = result.stdout + result.stderr
-    assert "is not a finished training run" in output and "Traceback" not in output
+def test_evaluate_cli_rejects_a_folder_that_is_not_a_run(tmp_path, caplog):
+    from dermascan import cli
+    from dermascan.config import EvaluateRunConfig
+    from dermascan.evaluate import evaluate_main_task
+
+    cfg = compose_config("evaluate_run", [f"run_dir={tmp_path}"], EvaluateRunConfig)
+    with pytest.raises(SystemExit) as exited:
+        cli.run(evaluate_main_task, cfg, EvaluateRunConfig)
+    assert exited.value.code == 2
+    assert "is not a finished training run" in caplog.text and "config.yaml" in caplog.text
