@@ -87,3 +87,52 @@ def debug_run(tmp_path_factory):
     cfg = debug_config(tmp_path, "train.phase1.epochs=2", "train.phase2.epochs=2", "export.enabled=true")
     metrics, artifacts = train(cfg)
     return cfg, metrics, artifacts
+
+
+EXPORT_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def sample_pixels(sample_jpegs, sample_labels):
+    """The 240 real sample JPEGs as a 64-px model sees them (the training resize), with their label indices."""
+    import numpy as np
+
+    from dermascan.classes import CODES
+    from dermascan.data.cache import resize_image
+
+    images = np.stack([np.asarray(resize_image(p, EXPORT_SIZE, "bilinear")) for p in sample_jpegs])
+    labels = sample_labels.set_index("image").loc[[p.stem for p in sample_jpegs], list(CODES)].to_numpy().argmax(1)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def exported(sample_pixels, tmp_path_factory):
+    """A 64-px model exported in every format, parity measured on the real sample images; shared by export and serve tests.
+
+    Random weights with default BatchNorm statistics give the same output
+    for every image; statistics from one batch of real images make the
+    output depend on the input, so agreement and equality checks mean something.
+    """
+    import keras
+
+    from dermascan.export import export_model
+    from dermascan.model import build_model
+    from dermascan.runtime import TFLITE_KINDS
+
+    images, labels = sample_pixels
+    keras.utils.set_random_seed(0)
+    model, base = build_model(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3],
+                              bn_momentum=0.0)
+    base.trainable = True
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(images[:32].astype("float32"), training=True)
+    base.trainable = False
+    out_dir = tmp_path_factory.mktemp("export") / "export"
+    report = export_model(
+        model, out_dir, image_size=EXPORT_SIZE, tflite=TFLITE_KINDS, temperature=1.7,
+        parity_images=images, parity_labels=labels, representative=images[::4],
+        min_agreement=0.0, latency_runs=10, card="# tiny test model\n\nNot trained; not a diagnosis.\n",
+    )
+    return model, out_dir, report

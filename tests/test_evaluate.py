@@ -11,11 +11,23 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from dermascan.calibration import apply_temperature
 from dermascan.classes import CODES
 from dermascan.config import EvaluateRunConfig
-from dermascan.evaluate import TTA, choose_temperature, evaluate_main_task, predict, score, score_isic2018
-from dermascan.calibration import apply_temperature
-from dermascan.metrics import CODES_2018, classification_metrics, expected_calibration_error, to_isic2018
+from dermascan.evaluate import (
+    TTA,
+    choose_temperature,
+    evaluate_main_task,
+    predict,
+    score,
+    score_isic2018,
+)
+from dermascan.metrics import (
+    CODES_2018,
+    classification_metrics,
+    expected_calibration_error,
+    to_isic2018,
+)
 from dermascan.report import render_report
 from dermascan.rundir import load_images
 

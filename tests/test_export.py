@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import mlflow
@@ -16,7 +15,6 @@ from omegaconf import OmegaConf
 
 from dermascan import tracking
 from dermascan.classes import CODES, INDEX
-from dermascan.data.cache import resize_image
 from dermascan.export import (
     ExportError,
     ManifestError,
@@ -27,32 +25,9 @@ from dermascan.export import (
 )
 from dermascan.runtime import TFLITE_KINDS, load_predictor, read_labels, tflite_name
 
-from .conftest import REPO
+from .conftest import EXPORT_SIZE, REPO
 
-SIZE = 32  # the debug model's input size
-
-
-@pytest.fixture(scope="module")
-def sample_pixels(sample_jpegs, sample_labels):
-    """The 240 real sample JPEGs as the model sees them, with their labels."""
-    images = np.stack([np.asarray(resize_image(p, SIZE, "bilinear")) for p in sample_jpegs])
-    labels = sample_labels.set_index("image").loc[[p.stem for p in sample_jpegs], list(CODES)].to_numpy().argmax(1)
-    return images, labels
-
-
-@pytest.fixture(scope="module")
-def exported(debug_run, sample_pixels, tmp_path_factory):
-    """The debug run's model exported in every format, parity measured on the real sample images."""
-    cfg, _, _ = debug_run
-    model = keras.models.load_model(Path(cfg.run_dir) / "checkpoints" / "best.keras")
-    images, labels = sample_pixels
-    out_dir = tmp_path_factory.mktemp("export") / "export"
-    report = export_model(
-        model, out_dir, image_size=SIZE, tflite=TFLITE_KINDS, temperature=1.7,
-        parity_images=images, parity_labels=labels, representative=images[::4],
-        min_agreement=0.0, latency_runs=10, card="# card\n",
-    )
-    return model, out_dir, report
+SIZE = EXPORT_SIZE
 
 
 def test_every_format_round_trips_on_the_real_sample_images(exported, sample_pixels):
@@ -62,10 +37,15 @@ def test_every_format_round_trips_on_the_real_sample_images(exported, sample_pix
     reference = keras.models.load_model(out_dir / "model.keras").predict(images.astype(np.float32), verbose=0)
     raw = model.predict(images.astype(np.float32), verbose=0)
     assert np.abs(reference - raw).max() > 1e-4  # the temperature is really applied
+    assert np.ptp(reference, axis=0).max() > 1e-3  # and the answers depend on the image
     np.testing.assert_array_equal(reference.argmax(1), raw.argmax(1))  # and keeps the ranking
-    for runtime, kind in (("keras", "fp32"), ("savedmodel", "fp32"), ("tflite", "fp32")):
-        got = load_predictor(out_dir, runtime, kind)(images)
-        np.testing.assert_allclose(got, reference, atol=1e-5, err_msg=runtime)
+    for runtime in ("keras", "savedmodel"):
+        np.testing.assert_allclose(load_predictor(out_dir, runtime)(images), reference, atol=1e-5, err_msg=runtime)
+    # TFLite's float32 kernels (XNNPACK or its reference kernels alike) sum in another order than
+    # TensorFlow's: up to ~2e-5 apart on this model (3.3e-5 on the trained demo model), never a top-1 change.
+    fp32 = load_predictor(out_dir, "tflite", "fp32")(images)
+    np.testing.assert_allclose(fp32, reference, atol=5e-5)
+    assert np.array_equal(fp32.argmax(1), reference.argmax(1)) and report["formats"]["tflite_fp32"]["top1_agreement"] == 1.0
     for kind in ("fp16", "int8_dynamic", "int8_full"):
         result = report["formats"][f"tflite_{kind}"]
         got = load_predictor(out_dir, "tflite", kind)(images)

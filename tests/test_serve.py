@@ -50,26 +50,9 @@ def sample_paths() -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    import keras
-
-    from dermascan.export import export_model
-    from dermascan.model import build_model
-
-    keras.utils.set_random_seed(0)
-    model, base = build_model(image_size=SIZE, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3], bn_momentum=0.0)
-    # Random weights with default BatchNorm statistics give the same output for every image;
-    # statistics from one batch of real images make the output depend on the input.
-    images = np.stack([np.asarray(resize_image(p, SIZE, "bilinear")) for p in sample_paths()[:32]]).astype(np.float32)
-    base.trainable = True
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-    model(images, training=True)
-    base.trainable = False
-    out = tmp_path_factory.mktemp("serve") / "export"
-    export_model(model, out, image_size=SIZE, tflite=("fp32",), card="# tiny test model\n\nNot trained.\n")
-    return out
+def export_dir(exported) -> Path:
+    """The session's 64-px export (tests/conftest.py): every format, real-image parity, temperature 1.7."""
+    return exported[1]
 
 
 class Server:
