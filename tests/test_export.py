@@ -155,6 +155,7 @@ def test_registered_model_loads_from_the_registry_and_runs(exported, tmp_path, s
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow  # coremltools import and conversion (~15 s); an optional extra
 def test_coreml_conversion_writes_an_mlpackage_listed_in_the_manifest(exported, tmp_path):
     _, out_dir, _ = exported
     copy = tmp_path / "export"

@@ -36,8 +36,7 @@ def test_default_demo_run_learns_offline_within_five_minutes(tmp_path):
     for name in ("predictions.csv", "history.csv", "report.md", "checkpoints/best.keras", ".hydra/config.yaml",
                  "plots/training_curves.png", "plots/roc_curves.png", "plots/confusion_matrix.png",
                  "plots/reliability.png", "export/model.keras", "export/saved_model/saved_model.pb",
-                 "export/model_fp32.tflite", "export/model_fp16.tflite", "export/model_int8_dynamic.tflite",
-                 "export/model_int8_full.tflite", "export/labels.json", "export/model_card.md",
+                 "export/model_fp32.tflite", "export/model_int8_full.tflite", "export/labels.json", "export/model_card.md",
                  "export/parity.json", "export/MANIFEST.sha256"):
         assert (run_dir / name).is_file(), name
     assert verify_manifest(run_dir / "export") > 10

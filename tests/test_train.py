@@ -339,6 +339,7 @@ def test_debug_run_logs_to_a_real_mlflow_server_and_registers_the_model(tmp_path
     assert version.run_id == run.info.run_id and metrics["registered_version"] == version.version == "1"
 
 
+@pytest.mark.slow  # a subprocess with 2 logical CPU devices (~40 s)
 def test_mirrored_strategy_trains_on_two_cpu_devices(tmp_path):
     script = f"""
 import logging
