@@ -32,13 +32,12 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from dermascan import cli, plots, tracking
-from dermascan.augment import AugmentParams
 from dermascan.calibration import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
 from dermascan.classes import CODES, INDEX
 from dermascan.config import EvaluateConfig, EvaluateRunConfig, config_dir, validate
 from dermascan.data.manifest import read as read_manifest
 from dermascan.errors import ConfigError, DataError
-from dermascan.inputs import PipelineSpec, make_inputs
+from dermascan.inputs import evaluation_images
 from dermascan.metrics import (
     CODES_2018,
     binary_accuracy,
@@ -104,11 +103,8 @@ def predict(
     """Softmax probabilities [N, 8] for the manifest rows of ``frame``, in order, averaged over the TTA views."""
     if tta not in TTA:
         raise ValueError(f"unknown evaluate.tta {tta!r}; choose one of {', '.join(TTA)}")
-    spec = PipelineSpec(image_size=image_size, batch_size=batch_size)
-    data = make_inputs(frame.fillna({"label": CODES[0]}), spec, AugmentParams(), training=False, cache=cache)
-    views = [
-        model.predict(data.map(lambda images, labels, t=t: t(images)), verbose=0) for t in TTA[tta]
-    ]
+    data = evaluation_images(frame, image_size, batch_size, cache)
+    views = [model.predict(data.map(lambda images, t=t: t(images)), verbose=0) for t in TTA[tta]]
     return np.mean(views, axis=0)
 
 

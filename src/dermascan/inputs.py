@@ -161,6 +161,14 @@ def make_inputs(
     return fast_dataset(paths, labels, spec, params, training)
 
 
+def evaluation_images(frame: pd.DataFrame, image_size: int, batch_size: int, cache: dict[str, Any]) -> tf.data.Dataset:
+    """Batches of the rows' images (raw pixels, float32), in order, no augmentation; rows need no label."""
+    spec = PipelineSpec(image_size=image_size, batch_size=batch_size)
+    # The pipeline carries a label per row; an unlabelled row (ISIC 2018 Test AKIEC) gets a placeholder.
+    data = make_inputs(frame.fillna({"label": CODES[0]}), spec, AugmentParams(), training=False, cache=cache)
+    return data.map(lambda images, labels: images)
+
+
 def diagnose(paths: Sequence[str]) -> Optional[DataError]:
     """After a decode error inside tf.data: find the broken file(s) and name them.
 

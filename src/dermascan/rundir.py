@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from dermascan.augment import AugmentParams
 from dermascan.data import manifest as manifest_io
 from dermascan.errors import DataError
 from dermascan.fit import BEST
-from dermascan.inputs import PipelineSpec, make_inputs
+from dermascan.inputs import evaluation_images
 
 CONFIG = "config.yaml"
 
@@ -61,9 +60,7 @@ def load_run(run_dir: str | Path) -> Run:
 
 def load_images(frame: pd.DataFrame, image_size: int, cache: dict[str, Any], batch_size: int = 64) -> np.ndarray:
     """The manifest rows of ``frame`` as uint8 [N, S, S, 3], decoded and resized exactly as evaluation does."""
-    spec = PipelineSpec(image_size=image_size, batch_size=batch_size)
-    data = make_inputs(frame.fillna({"label": "NV"}), spec, AugmentParams(), training=False, cache=cache)
-    batches = [images.numpy() for images, _ in data]
+    batches = [images.numpy() for images in evaluation_images(frame, image_size, batch_size, cache)]
     if not batches:
         return np.zeros((0, image_size, image_size, 3), np.uint8)
     return np.concatenate(batches).astype(np.uint8)
