@@ -60,3 +60,21 @@ def test_demo_sizes_are_checked():
     with pytest.raises(ConfigError, match="min_side <= max_side"):
         compose_config("ingest", ["data.demo.max_side=96"], IngestConfig)
 
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.sampler=balanced"], "Set train.class_weight=none"),
+        (["train.sampler=oversample"], "train.sampler must be shuffle or balanced"),
+        (["train.clipnorm=0"], "train.clipnorm must be null or > 0"),
+        (["train.collapse_share=0"], "train.collapse_share"),
+        (["model.color_constancy=grey_world"], "model.color_constancy must be one of none, shades_of_gray"),
+        (["model.sog_power=0.5"], "model.sog_power must be >= 1"),
+    ],
+)
+def test_training_options_are_checked_at_start_up(overrides, message, tmp_path):
+    from dermascan.config import RunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        compose_config("train", [*overrides, f"run_dir={tmp_path}"], RunConfig)

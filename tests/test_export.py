@@ -126,6 +126,36 @@ def test_parity_gate_names_the_formats_below_the_threshold():
     assert below_agreement(formats, 0.95) == []
 
 
+def test_a_format_that_fails_to_run_is_not_kept_and_named(tmp_path, sample_pixels, monkeypatch):
+    """A TFLite kernel can refuse its inputs at run time (int8 DIV by a zero): an ExportError, not a traceback."""
+    import dermascan.export as export
+
+    real = export.tflite_predictor
+    calls = []
+
+    def second_fails(content, **kwargs):
+        predict = real(content, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            def crash(images):
+                raise RuntimeError("tflite/kernels/div.cc:262 data[i] != zero_point was not true.\nNode 16 failed")
+            return crash
+        return predict
+
+    monkeypatch.setattr(export, "tflite_predictor", second_fails)
+    images, labels = sample_pixels
+    model = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(8),
+                              keras.layers.Softmax()])
+    out_dir = tmp_path / "export"
+    with pytest.raises(ExportError, match=r"tflite_fp16: fails to run on the parity images: tflite/kernels/div\.cc"):
+        export_model(model, out_dir, image_size=SIZE, tflite=["fp32", "fp16"], parity_images=images[:16],
+                     parity_labels=labels[:16])
+    parity = json.loads((out_dir / "parity.json").read_text())["formats"]
+    assert parity["tflite_fp32"]["kept"] and (out_dir / "model_fp32.tflite").is_file()
+    assert parity["tflite_fp16"]["kept"] is False and "top1_agreement" not in parity["tflite_fp16"]
+    assert not (out_dir / "model_fp16.tflite").exists()
+
+
 def test_export_refuses_unknown_kinds_and_int8_full_without_representative_images(tmp_path):
     model = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(8)])
     with pytest.raises(ExportError, match="unknown export.tflite kind"):

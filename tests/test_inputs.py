@@ -123,3 +123,29 @@ def test_cached_file_broken_later_is_named_not_a_tf_data_traceback(manifest, tmp
     with pytest.raises(DataError, match=cached[10].name):
         for _ in iterate(ds, [str(p) for p in cached]):
             pass
+
+
+def test_balanced_sampler_draws_every_class_equally_from_an_imbalanced_split(manifest, tmp_path):
+    train = manifest[manifest["split"] == "train"]
+    # ISIC-like imbalance: every NV image, two of each other class.
+    imbalanced = pd.concat([train[train["label"] == "NV"], train[train["label"] != "NV"].groupby("label").head(2)])
+    assert (imbalanced["label"] == "NV").mean() > 0.5
+
+    def class_shares(sampler: str) -> np.ndarray:
+        spec = PipelineSpec(image_size=64, batch_size=32, sampler=sampler, seed=3)
+        data = make_inputs(imbalanced, spec, AugmentParams(), training=True, cache=cache_settings(tmp_path, 64))
+        labels = np.concatenate([np.asarray(y) for _, y in data.take(25)])  # 800 draws
+        return labels.sum(axis=0) / len(labels)
+
+    balanced = class_shares("balanced")
+    assert np.all(np.abs(balanced - 1 / 8) < 0.05), balanced
+    assert class_shares("shuffle")[CODES.index("NV")] > 0.5
+
+
+def test_balanced_sampler_needs_the_fast_engine(manifest, tmp_path):
+    from dermascan.errors import ConfigError
+
+    spec = PipelineSpec(image_size=64, batch_size=8, engine="legacy", sampler="balanced")
+    with pytest.raises(ConfigError, match="train.sampler=balanced needs augment.engine=fast"):
+        make_inputs(manifest[manifest["split"] == "train"], spec, AugmentParams(), training=True,
+                    cache=cache_settings(tmp_path, 64))

@@ -48,6 +48,16 @@ def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
     report = (run_dir / "report.md").read_text()
     assert "balanced accuracy" in report and "Keras `binary_accuracy`" in report
+    # The training's review: the best epoch, and any warning, in metrics.json and near the top of the report.
+    review = result["training"]
+    assert review == metrics["training"] and 1 <= review["best_epoch"] <= 4 and review["best_phase"] in (1, 2)
+    best = history["val_balanced_accuracy"].max()
+    assert review["best_val_balanced_accuracy"] == pytest.approx(best)
+    assert history["val_largest_class_share"].between(1 / 8, 1).all()
+    training = report.index("## Training")
+    assert training < report.index("## Overall")
+    assert f"epoch {review['best_epoch']} (phase {review['best_phase']})" in report
+    assert all(f"**Warning: {w}.**" in report for w in review["warnings"])
 
 
 def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
@@ -63,6 +73,9 @@ def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
     assert [(m.step, m.value) for m in sorted(phases, key=lambda m: m.step)] == [(0, 1), (1, 1), (2, 2), (3, 2)]
     assert len(client.get_metric_history(run.info.run_id, "val_balanced_accuracy")) == 4
     assert "final_test_balanced_accuracy" in run.data.metrics and "final_val_top1_accuracy" in run.data.metrics
+    review = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["training"]
+    assert run.data.metrics["best_epoch"] == review["best_epoch"]
+    assert run.data.tags["training_warnings"] == (" | ".join(review["warnings"]) or "none")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "history.csv", "plots", "metrics.json", "predictions.csv", "class_weights.json",
             "manifest_summary.json", "export", "report.md"} <= artifacts
@@ -257,8 +270,15 @@ def test_recipe_defaults_and_isic_experiment(tmp_path):
     assert cfg.data.name == "isic" and cfg.model.weights == "imagenet" and cfg.model.image_size == 224
     assert cfg.train.phase1.epochs + cfg.train.phase2.epochs == 30
     assert cfg.train.monitor == "val_balanced_accuracy"
+    # What the isic-dev ablations chose (configs/experiment/isic.yaml says why).
+    assert cfg.train.sampler == "balanced" and cfg.train.class_weight == "none"
+    assert cfg.model.color_constancy == "shades_of_gray" and cfg.train.phase2.freeze_head_bn is None
+    cpu = compose_config("train", ["experiment=isic_cpu", f"run_dir={tmp_path}"], RunConfig)
+    assert cpu.train.phase1.epochs + cpu.train.phase2.epochs == 11 and cpu.model.image_size == cpu.data.cache.size == 160
+    assert cpu.train.sampler == "balanced" and cpu.model.color_constancy == "shades_of_gray"
     demo = compose_config("train", [f"run_dir={tmp_path}"], RunConfig)
     assert demo.data.name == "demo" and demo.model.weights is None
+    assert demo.train.sampler == "shuffle" and demo.model.color_constancy == "none"
 
 
 def test_config_typos_and_types_fail_at_start_up(tmp_path):

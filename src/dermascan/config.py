@@ -148,6 +148,8 @@ class ModelConfig:
     weights: Optional[str] = "imagenet"  # imagenet, null, or a local weights file
     freeze_bn: Optional[bool] = None  # null: true with pretrained weights, false from scratch
     bn_momentum: Optional[float] = None
+    color_constancy: str = "none"  # none or shades_of_gray (dermascan.color)
+    sog_power: float = 6.0  # the Minkowski norm's p for shades_of_gray
     head: HeadConfig = field(default_factory=HeadConfig)
 
 
@@ -178,6 +180,7 @@ class Phase2Config:
     warmup_epochs: int = 1
     min_lr_fraction: float = 0.0  # CosineDecay alpha
     unfreeze_from: Any = None  # null (all), a layer index, or a layer name
+    freeze_head_bn: Optional[bool] = None  # the head's BatchNorm in inference mode; null: as model.freeze_bn
 
 
 @dataclass
@@ -187,6 +190,9 @@ class TrainConfig:
     phase2: Phase2Config = field(default_factory=Phase2Config)
     label_smoothing: float = 0.0
     class_weight: str = "balanced"
+    sampler: str = "shuffle"  # shuffle, or balanced (each batch draws the classes equally)
+    clipnorm: Optional[float] = None  # Adam's per-variable gradient norm clipping; null: none
+    collapse_share: float = 0.95  # a phase whose val predictions put this share on one class has collapsed
     monitor: str = "val_balanced_accuracy"
     monitor_mode: str = "max"
     patience: int = 5
@@ -356,6 +362,17 @@ def _check_train(train: Any) -> None:
         )
     if train.class_weight not in ("balanced", "none"):
         raise ConfigError(f"train.class_weight must be balanced or none, got {train.class_weight!r}")
+    if train.sampler not in ("shuffle", "balanced"):
+        raise ConfigError(f"train.sampler must be shuffle or balanced, got {train.sampler!r}")
+    if train.sampler == "balanced" and train.class_weight != "none":
+        raise ConfigError(
+            "train.sampler=balanced already draws the classes equally; with train.class_weight=balanced the rare "
+            "classes would be weighted twice. Set train.class_weight=none."
+        )
+    if train.clipnorm is not None and train.clipnorm <= 0:
+        raise ConfigError(f"train.clipnorm must be null or > 0, got {train.clipnorm}")
+    if not 0.0 < train.collapse_share <= 1.0:
+        raise ConfigError(f"train.collapse_share must be in (0, 1], got {train.collapse_share}")
     if train.monitor_mode not in ("min", "max"):
         raise ConfigError(f"train.monitor_mode must be min or max, got {train.monitor_mode!r}")
     if train.batch_size < 1:
@@ -379,6 +396,12 @@ def _check_model(model: Any) -> None:
         )
     if any(not 0 <= rate < 1 for rate in model.head.dropout):
         raise ConfigError(f"model.head.dropout rates must be in [0, 1), got {list(model.head.dropout)}")
+    from dermascan.color import COLOR_CONSTANCY
+
+    if model.color_constancy not in COLOR_CONSTANCY:
+        raise ConfigError(f"model.color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got {model.color_constancy!r}")
+    if model.sog_power < 1:
+        raise ConfigError(f"model.sog_power must be >= 1, got {model.sog_power}")
     if model.image_size < 32:
         raise ConfigError(f"model.image_size must be >= 32, got {model.image_size}")
 

@@ -175,6 +175,7 @@ def evaluate(
     seed: int = 0,
     temperature: Optional[float] = None,
     isic2018: bool = False,
+    training: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.split`` (and val), write every output into ``out_dir``; return metrics.json's content.
 
@@ -184,6 +185,8 @@ def evaluate(
     already holds one). With TTA, the TTA probabilities get their own
     temperature, fitted on val with the same TTA. ``isic2018``: also score
     the ISIC 2018 Test images in the 2018 scheme (``data.split=official``).
+    ``training``: the training's review (``fit.review_phases``), kept in
+    metrics.json and shown at the top of the report.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +228,8 @@ def evaluate(
         "calibration": calibration,
         split: score(rows["label"], headline, cfg.bootstrap_resamples, seed, cfg.calibration_bins),
     }
+    if training is not None:
+        result["training"] = training
     if tta != "none":
         result[f"{split}_no_tta"] = score(
             rows["label"], calibrated(plain, temperature), cfg.bootstrap_resamples, seed, cfg.calibration_bins

@@ -25,7 +25,7 @@ import pandas as pd
 import tensorflow as tf
 
 from dermascan.classes import CODES
-from dermascan.model import unfreeze
+from dermascan.model import freeze_head_bn, unfreeze
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,41 @@ class BalancedAccuracy(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def compile_model(model: keras.Model, learning_rate: Any, label_smoothing: float, jit_compile: Any) -> None:
+@keras.saving.register_keras_serializable(package="dermascan")
+class LargestClassShare(keras.metrics.Metric):
+    """The share of the predictions (argmax) that fall on the most predicted class.
+
+    1.0 means every image gets the same class: the signature of a collapsed
+    model, which ``review_phases`` looks for in ``val_largest_class_share``.
+    """
+
+    def __init__(self, num_classes: int = len(CODES), name: str = "largest_class_share", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.counts = self.add_variable(shape=(num_classes,), initializer="zeros", dtype="float32", name="counts")
+
+    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Optional[tf.Tensor] = None) -> None:
+        predicted = tf.argmax(y_pred, axis=-1)
+        self.counts.assign_add(tf.math.bincount(tf.cast(predicted, tf.int32), minlength=self.num_classes,
+                                                maxlength=self.num_classes, dtype=tf.float32))
+
+    def result(self) -> tf.Tensor:
+        return tf.math.divide_no_nan(tf.reduce_max(self.counts), tf.reduce_sum(self.counts))
+
+    def reset_state(self) -> None:
+        self.counts.assign(tf.zeros_like(self.counts))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def compile_model(
+    model: keras.Model, learning_rate: Any, label_smoothing: float, jit_compile: Any, clipnorm: Optional[float] = None
+) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=clipnorm),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="top1_accuracy"), BalancedAccuracy()],
+        metrics=[keras.metrics.CategoricalAccuracy(name="top1_accuracy"), BalancedAccuracy(), LargestClassShare()],
         jit_compile=jit_compile,
     )
 
@@ -106,12 +136,22 @@ def write_state(run_dir: Path, state: dict[str, Any]) -> None:
     tmp.replace(run_dir / STATE)
 
 
+def read_history(run_dir: Path) -> pd.DataFrame:
+    """history.csv as a frame; empty when there is none yet.
+
+    A run stopped before its first epoch ended leaves an empty file
+    (CSVLogger opens it at the start of training): that is no history, not
+    an error, so such a run resumes from the start.
+    """
+    path = run_dir / HISTORY
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    return pd.read_csv(path)
+
+
 def best_so_far(run_dir: Path, monitor: str, mode: str) -> Optional[float]:
     """The best monitored value in the history written so far (for a resumed checkpoint)."""
-    path = run_dir / HISTORY
-    if not path.is_file():
-        return None
-    history = pd.read_csv(path)
+    history = read_history(run_dir)
     if monitor not in history or history[monitor].dropna().empty:
         return None
     return float(history[monitor].max() if mode == "max" else history[monitor].min())
@@ -193,7 +233,7 @@ def run_phases(
         done = 0
         if e1 > 0:
             log.info("phase 1: head only, backbone frozen, %d epoch(s) at lr %g", e1, train_cfg.phase1.lr)
-            compile_model(model, train_cfg.phase1.lr, train_cfg.label_smoothing, jit_compile)
+            compile_model(model, train_cfg.phase1.lr, train_cfg.label_smoothing, jit_compile, train_cfg.clipnorm)
             done = fit(1, 0, e1)
         model.save_weights(str(phase1_weights))
         state["phase1_epochs"] = done
@@ -206,6 +246,9 @@ def run_phases(
         done = 0
         if e2 > 0:
             trainable = unfreeze(base, train_cfg.phase2.unfreeze_from, freeze_bn=freeze_bn)
+            head_bn = train_cfg.phase2.freeze_head_bn
+            if head_bn if head_bn is not None else freeze_bn:
+                log.info("phase 2: %d head BatchNorm layer(s) in inference mode", freeze_head_bn(model))
             steps = steps_per_epoch * e2
             warmup = steps_per_epoch * train_cfg.phase2.warmup_epochs
             schedule = cosine_schedule(train_cfg.phase2.lr, steps, warmup, train_cfg.phase2.min_lr_fraction)
@@ -214,7 +257,7 @@ def run_phases(
                 "(%d warmup)",
                 trainable, e2, train_cfg.phase2.lr, steps, warmup,
             )
-            compile_model(model, schedule, train_cfg.label_smoothing, jit_compile)
+            compile_model(model, schedule, train_cfg.label_smoothing, jit_compile, train_cfg.clipnorm)
             done = fit(2, state["phase1_epochs"], e2)
         state["phase2_epochs"] = done
         write_state(run_dir, state)
@@ -223,10 +266,53 @@ def run_phases(
 
 def _epochs_done(run_dir: Path, phase: int) -> int:
     """Epochs this phase has run in total, across interruptions (from history.csv)."""
-    frame = pd.read_csv(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else pd.DataFrame()
+    frame = read_history(run_dir)
     return int((frame["phase"] == phase).sum()) if "phase" in frame else 0
 
 
 def steps_for(n_images: int, global_batch: int, configured: Optional[int]) -> int:
     full = max(1, math.ceil(n_images / global_batch))
     return min(configured, full) if configured else full
+
+
+def review_phases(history: pd.DataFrame, monitor: str, mode: str, collapse_share: float) -> dict[str, Any]:
+    """What the epochs say about the training: the best epoch, and warnings a user must not miss.
+
+    Two failures are named: a phase whose val predictions fall onto one
+    class (``val_largest_class_share`` >= ``collapse_share``), and a phase 2
+    that never beats phase 1 on the monitored metric, so that the best
+    checkpoint (what is evaluated and exported) is phase 1's. Epochs are
+    counted from 1, across both phases.
+    """
+    if history.empty or monitor not in history or history[monitor].dropna().empty:
+        return {"best_epoch": None, "best_phase": None, "warnings": []}
+    values = history[monitor]
+    best = values.idxmax() if mode == "max" else values.idxmin()
+    review: dict[str, Any] = {
+        "monitor": monitor,
+        "best_epoch": int(history.loc[best, "epoch"]) + 1,
+        "best_phase": int(history.loc[best, "phase"]) if "phase" in history else None,
+        f"best_{monitor}": float(values[best]),
+        "warnings": [],
+    }
+    if "phase" not in history:
+        return review
+    share = "val_largest_class_share"
+    for phase, rows in history.groupby("phase"):
+        if share in rows:
+            collapsed = rows[rows[share] >= collapse_share]
+            if len(collapsed):
+                epochs = ", ".join(str(int(e) + 1) for e in collapsed["epoch"])
+                review["warnings"].append(
+                    f"phase {int(phase)} collapsed: in epoch(s) {epochs} at least {collapse_share:.0%} of the val "
+                    f"predictions fell on one class (largest share {collapsed[share].max():.2f})"
+                )
+    phases = {int(p): rows[monitor] for p, rows in history.groupby("phase")}
+    if 1 in phases and 2 in phases:
+        one, two = (phases[1].max(), phases[2].max()) if mode == "max" else (phases[1].min(), phases[2].min())
+        if not (two > one if mode == "max" else two < one):
+            review["warnings"].append(
+                f"phase 2 never beat phase 1 ({monitor}: best {two:.3f} in phase 2 against {one:.3f} in phase 1); "
+                f"the exported model is phase {review['best_phase']}'s (epoch {review['best_epoch']})"
+            )
+    return review

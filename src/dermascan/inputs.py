@@ -29,7 +29,7 @@ from dermascan.augment import AugmentParams, augment_batch_cpu
 from dermascan.classes import CODES, INDEX
 from dermascan.data.cache import build_cache
 from dermascan.data.images import check_image
-from dermascan.errors import DataError
+from dermascan.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class PipelineSpec:
     engine: str = "fast"  # fast | legacy
     augment_in_pipeline: bool = True  # False: the model's IDGAugmentation layer augments
     shuffle_buffer: int = 4096
+    sampler: str = "shuffle"  # shuffle | balanced (training only: each class drawn with equal probability)
     seed: int = 42
     deterministic: bool = True
 
@@ -65,6 +66,22 @@ def decode(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
+def balanced_sampler(paths: list[str], indices: np.ndarray, spec: PipelineSpec) -> tf.data.Dataset:
+    """An endless stream of (path, label) that draws each present class with equal probability.
+
+    The alternative to class weights: the rare classes are seen more often
+    (with fresh augmentation each time) instead of weighing more. Each class
+    is its own reshuffled, repeated stream; ``sample_from_datasets`` picks
+    the stream per element.
+    """
+    streams = []
+    for k, label in enumerate(np.unique(indices)):
+        members = [p for p, i in zip(paths, indices) if i == label]
+        stream = tf.data.Dataset.from_tensor_slices((members, np.full(len(members), label, np.int32)))
+        streams.append(stream.shuffle(len(members), seed=spec.seed + k, reshuffle_each_iteration=True).repeat())
+    return tf.data.Dataset.sample_from_datasets(streams, weights=[1.0 / len(streams)] * len(streams), seed=spec.seed)
+
+
 def fast_dataset(
     paths: Sequence[str],
     labels: Sequence[str],
@@ -78,8 +95,12 @@ def fast_dataset(
     no partial batches, which MirroredStrategy cannot split evenly): give
     ``fit`` a ``steps_per_epoch``. For evaluation it is one ordered pass.
     """
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), label_indices(labels)))
-    if training:
+    indices = label_indices(labels)
+    if training and spec.sampler == "balanced":
+        ds = balanced_sampler(list(paths), indices, spec)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((list(paths), indices))
+    if training and spec.sampler != "balanced":
         ds = ds.shuffle(min(len(paths), spec.shuffle_buffer), seed=spec.seed, reshuffle_each_iteration=True)
         ds = ds.repeat()
     size = spec.image_size
@@ -155,6 +176,8 @@ def make_inputs(
     )
     labels = list(frame["label"])
     if spec.engine == "legacy":
+        if spec.sampler != "shuffle":
+            raise ConfigError("train.sampler=balanced needs augment.engine=fast (ImageDataGenerator only shuffles)")
         return legacy_iterator(paths, labels, spec, params, training)
     if spec.engine != "fast":
         raise DataError(f"unknown augment.engine {spec.engine!r}; expected fast or legacy")

@@ -1,6 +1,7 @@
 """The classifier: a keras.applications backbone and the recipe's head.
 
-    raw RGB 0-255 -> [augmentation, training only] -> backbone preprocessing
+    raw RGB 0-255 -> [augmentation, training only] -> [Shades of Gray colour
+    constancy, optional] -> backbone preprocessing
     -> backbone (called with training=False) -> GAP -> Dense 512 -> BN -> ReLU
     -> Dropout -> Dense 256 -> BN -> ReLU -> Dropout -> Dense 8 -> softmax (float32)
 
@@ -26,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import keras
 
 from dermascan.classes import CODES
+from dermascan.color import COLOR_CONSTANCY, ShadesOfGray
 from dermascan.errors import ConfigError, DermascanError
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ def build_model(
     freeze_bn: Optional[bool] = None,
     bn_momentum: Optional[float] = None,
     num_classes: int = len(CODES),
+    color_constancy: str = "none",
+    sog_power: float = 6.0,
 ) -> tuple[keras.Model, keras.Model]:
     """Return (model, backbone). The backbone starts frozen (phase 1).
 
@@ -113,7 +117,11 @@ def build_model(
     BatchNorm layers must learn them. ``bn_momentum``
     overrides the backbone's BatchNorm momentum (MobileNetV2 uses 0.999,
     too slow for moving statistics to settle in a short run from scratch).
+    ``color_constancy="shades_of_gray"`` normalises each image's colour
+    (``dermascan.color``) after augmentation, before the backbone.
     """
+    if color_constancy not in COLOR_CONSTANCY:
+        raise ConfigError(f"model.color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got {color_constancy!r}")
     if len(units) != len(dropout):
         raise ConfigError(f"model.head.units and model.head.dropout differ in length: {list(units)} vs {list(dropout)}")
     base = build_backbone(backbone, image_size, weights, alpha)
@@ -126,6 +134,8 @@ def build_model(
     x = inputs
     if augmentation is not None:
         x = augmentation(x)
+    if color_constancy == "shades_of_gray":
+        x = ShadesOfGray(sog_power, name="shades_of_gray")(x)
     preprocessing = BACKBONES[backbone].preprocessing()
     if preprocessing is not None:
         x = preprocessing(x)
@@ -170,3 +180,22 @@ def unfreeze(base: keras.Model, from_layer: Optional[int | str] = None, freeze_b
     for layer in base.layers[:start]:
         layer.trainable = False
     return len(names) - start
+
+
+def freeze_head_bn(model: keras.Model) -> int:
+    """Put the head's BatchNorm layers in inference mode (``trainable=False``); return how many.
+
+    Why: in phase 2 the backbone's features move while the head's BN layers
+    normalise each batch with its own statistics in training but with lagging
+    moving averages in inference. On real ISIC images at lr 1e-4 that gap
+    sent every val prediction to one class while training metrics rose.
+    Frozen, the head normalises with phase 1's statistics in training and
+    inference alike, so what is trained is what is evaluated. The backbone
+    (``model.layers`` holds it as one nested layer) is left to ``unfreeze``.
+    """
+    frozen = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            frozen += 1
+    return frozen

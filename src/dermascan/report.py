@@ -81,6 +81,21 @@ def confusion_table(m: dict[str, Any]) -> list[str]:
     return rows
 
 
+def training_section(training: Optional[dict[str, Any]]) -> list[str]:
+    """The training's warnings (collapse, a phase 2 that never beat phase 1) and its best epoch."""
+    if not training or training.get("best_epoch") is None:
+        return []
+    lines = ["## Training", ""]
+    lines += [f"**Warning: {w}.**" + "\n" for w in training.get("warnings", [])]
+    monitor = training["monitor"]
+    lines += [
+        f"The evaluated model is the best checkpoint: epoch {training['best_epoch']} (phase "
+        f"{training['best_phase']}), {monitor} {fmt(training.get(f'best_{monitor}'))}.",
+        "",
+    ]
+    return lines
+
+
 def render_report(result: dict[str, Any]) -> str:
     """The markdown report of an ``evaluate`` result (metrics.json's content)."""
     split = result["split"]
@@ -93,6 +108,9 @@ def render_report(result: dict[str, Any]) -> str:
         f"Temperature scaling: {'T = ' + fmt(temperature) + ' (fitted on val)' if temperature is not None else 'none'}. "
         f"CIs: {((m.get('ci') or {}).get('balanced_accuracy') or {}).get('n_resamples', 'no')} bootstrap resamples of the images.",
         "",
+    ]
+    lines += training_section(result.get("training"))
+    lines += [
         "## Overall",
         "",
         *headline_table(m),

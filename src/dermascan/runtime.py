@@ -108,6 +108,8 @@ def savedmodel_predictor(path: Path) -> Predictor:
 def keras_predictor(path: Path) -> Predictor:
     import keras
 
+    import dermascan.color  # noqa: F401  registers ShadesOfGray, which a colour-normalising model.keras holds
+
     model = keras.models.load_model(path, compile=False)
 
     def predict(images: np.ndarray) -> np.ndarray:

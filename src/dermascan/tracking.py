@@ -128,6 +128,14 @@ def log_metrics(metrics: dict[str, Optional[float]], prefix: str) -> None:
     mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items() if v is not None})
 
 
+def log_review(review: dict[str, Any]) -> None:
+    """The training's best epoch as metrics, and its warnings as the ``training_warnings`` tag (searchable in the UI)."""
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_metrics({k: float(review[k]) for k in ("best_epoch", "best_phase") if review.get(k) is not None})
+    mlflow.set_tag("training_warnings", " | ".join(review["warnings"]) if review["warnings"] else "none")
+
+
 def log_artifacts(paths: list[Path], artifact_path: Optional[str] = None) -> None:
     if mlflow.active_run() is None:
         return

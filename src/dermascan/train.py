@@ -49,7 +49,7 @@ from dermascan.evaluate import (
     flat_metrics,
 )
 from dermascan.export import ExportError, export_run, inference_model
-from dermascan.fit import BEST, HISTORY, run_phases, steps_for
+from dermascan.fit import BEST, HISTORY, read_history, review_phases, run_phases, steps_for
 from dermascan.ingest import ingest
 from dermascan.inputs import PipelineSpec, make_inputs, naming_broken_files
 from dermascan.model import build_model
@@ -157,6 +157,7 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         engine=cfg.augment.engine.value,
         augment_in_pipeline=not on_accelerator,
         shuffle_buffer=cfg.train.shuffle_buffer,
+        sampler=cfg.train.sampler,
         seed=cfg.seed,
         deterministic=True,
     )
@@ -183,6 +184,8 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
             augmentation=IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if on_accelerator else None,
             freeze_bn=freeze_bn,
             bn_momentum=cfg.model.bn_momentum,
+            color_constancy=cfg.model.color_constancy,
+            sog_power=cfg.model.sog_power,
         )
     jit = cfg.train.jit_compile
     if jit == "auto":  # XLA pays off on a GPU; on a CPU its compile time dominates short runs
@@ -201,8 +204,13 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
                 model, base, train_data, val_data, cfg.train, run_dir, steps,
                 keras_class_weight(weights), jit, freeze_bn, callbacks,
             )
-        history = pd.read_csv(run_dir / HISTORY)
+        history = read_history(run_dir)
         artifacts["history"] = run_dir / HISTORY
+        review = review_phases(history, cfg.train.monitor, cfg.train.monitor_mode, cfg.train.collapse_share)
+        for warning in review["warnings"]:
+            log.warning("%s", warning)
+        if run_id is not None:
+            tracking.log_review(review)
         artifacts["training_curves"] = training_curves(history, run_dir / "plots" / "training_curves.png", state["phase1_epochs"])
 
         best_path = run_dir / BEST
@@ -210,7 +218,7 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
         artifacts["checkpoint"] = best_path
         evaluation = evaluate(
             best, manifest, cfg.evaluate, cfg.model.image_size, cache, run_dir, seed=cfg.seed,
-            isic2018=cfg.data.split.value == "official",
+            isic2018=cfg.data.split.value == "official", training=review,
         )
         metrics = {"val": evaluation.get("val"), cfg.evaluate.split: evaluation[cfg.evaluate.split]}
         artifacts["metrics"] = run_dir / METRICS
@@ -224,6 +232,7 @@ def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
                 failure = err
             artifacts["export"] = run_dir / "export"
         metrics["epochs"] = {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]}
+        metrics["training"] = review
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         summary = run_dir / "summary.json"
         summary.write_text(json.dumps(metrics, indent=2))

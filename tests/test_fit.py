@@ -1,0 +1,96 @@
+"""Phase-2 safety: the head's BatchNorm in inference mode, the collapse metric, the phase review, clipping."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermascan.fit import LargestClassShare, compile_model, review_phases
+from dermascan.model import build_model, freeze_head_bn, unfreeze
+
+
+def history(val: list[float], shares: list[float], phases: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"epoch": range(len(val)), "phase": phases, "val_balanced_accuracy": val,
+                         "val_largest_class_share": shares})
+
+
+def test_review_names_a_collapse_and_a_phase_2_that_never_beat_phase_1():
+    # The run issue 11 reported: phase 1 learns, phase 2 sends every val image to one class.
+    frame = history([0.47, 0.51, 0.56, 0.125, 0.125, 0.18, 0.44], [0.6, 0.55, 0.5, 1.0, 0.99, 0.9, 0.6],
+                    [1, 1, 1, 2, 2, 2, 2])
+    review = review_phases(frame, "val_balanced_accuracy", "max", collapse_share=0.95)
+    assert review["best_epoch"] == 3 and review["best_phase"] == 1
+    assert review["best_val_balanced_accuracy"] == pytest.approx(0.56)
+    collapse, never = review["warnings"]
+    assert collapse.startswith("phase 2 collapsed: in epoch(s) 4, 5 ") and "largest share 1.00" in collapse
+    assert never == ("phase 2 never beat phase 1 (val_balanced_accuracy: best 0.440 in phase 2 against 0.560 in "
+                     "phase 1); the exported model is phase 1's (epoch 3)")
+
+
+def test_review_of_a_healthy_run_has_no_warning_and_a_tie_is_not_a_win():
+    healthy = review_phases(history([0.5, 0.55, 0.6, 0.62], [0.6, 0.5, 0.5, 0.45], [1, 1, 2, 2]),
+                            "val_balanced_accuracy", "max", 0.95)
+    assert healthy["warnings"] == [] and healthy["best_epoch"] == 4 and healthy["best_phase"] == 2
+    tie = review_phases(history([0.5, 0.6, 0.6], [0.5, 0.5, 0.5], [1, 1, 2]), "val_balanced_accuracy", "max", 0.95)
+    assert len(tie["warnings"]) == 1 and tie["warnings"][0].startswith("phase 2 never beat phase 1")
+    loss = pd.DataFrame({"epoch": [0, 1, 2], "phase": [1, 1, 2], "val_loss": [1.0, 0.8, 0.7]})
+    assert review_phases(loss, "val_loss", "min", 0.95)["warnings"] == []
+    assert review_phases(pd.DataFrame(), "val_loss", "min", 0.95)["warnings"] == []
+
+
+def test_largest_class_share_counts_the_argmax():
+    rng = np.random.default_rng(0)
+    scores = rng.random((200, 8))
+    scores[:120, 5] += 1.0  # at least 120 of 200 predicted NV
+    metric = LargestClassShare()
+    for chunk in np.array_split(np.arange(200), 3):
+        metric.update_state(np.eye(8)[np.zeros(len(chunk), int)], scores[chunk])
+    counts = np.bincount(scores.argmax(1), minlength=8)
+    assert float(metric.result()) == pytest.approx(counts.max() / 200)
+    metric.reset_state()
+    metric.update_state(np.eye(8)[[0, 1]], np.eye(8)[[3, 3]])
+    assert float(metric.result()) == 1.0
+
+
+def test_frozen_head_bn_keeps_its_statistics_while_the_backbone_fine_tunes():
+    keras.utils.set_random_seed(0)
+    model, base = build_model(image_size=32, weights=None, alpha=0.35, units=[8, 8], dropout=[0.0, 0.0])
+    images = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    labels = np.eye(8)[np.arange(16) % 8]
+    unfreeze(base, -10, freeze_bn=True)
+    assert freeze_head_bn(model) == 2
+    compile_model(model, 1e-2, 0.0, False, clipnorm=1.0)
+    head = {w.path: w.numpy() for layer in ("bn_1", "bn_2") for w in model.get_layer(layer).weights}
+    kernel = base.layers[-5].get_weights()
+    model.fit(images, labels, epochs=2, batch_size=8, verbose=0)
+    # Inference mode: moving statistics and the affine parameters stay as phase 1 left them...
+    assert all(np.array_equal(w.numpy(), head[w.path]) for layer in ("bn_1", "bn_2")
+               for w in model.get_layer(layer).weights)
+    # ...while the unfrozen backbone does train.
+    assert any(not np.array_equal(a, b) for a, b in zip(kernel, base.layers[-5].get_weights()))
+    assert model.optimizer.clipnorm == 1.0
+
+
+def test_report_leads_with_the_training_warnings():
+    from dermascan.report import training_section
+
+    review = review_phases(history([0.5, 0.56, 0.3], [0.5, 0.5, 0.97], [1, 1, 2]), "val_balanced_accuracy", "max", 0.95)
+    text = "\n".join(training_section(review))
+    assert text.startswith("## Training")
+    assert "**Warning: phase 2 collapsed: in epoch(s) 3" in text
+    assert "**Warning: phase 2 never beat phase 1" in text and "the exported model is phase 1's (epoch 2).**" in text
+    assert "The evaluated model is the best checkpoint: epoch 2 (phase 1), val_balanced_accuracy 0.560." in text
+
+
+def test_a_run_stopped_before_its_first_epoch_ended_resumes(tmp_path):
+    """CSVLogger creates history.csv when training starts; killed before an epoch ends, it stays empty."""
+    from dermascan.fit import _epochs_done, best_so_far, read_history
+
+    (tmp_path / "history.csv").write_text("")
+    assert read_history(tmp_path).empty
+    assert best_so_far(tmp_path, "val_balanced_accuracy", "max") is None
+    assert _epochs_done(tmp_path, 1) == 0
+    history([0.4, 0.5], [0.5, 0.5], [1, 1]).to_csv(tmp_path / "history.csv", index=False)
+    assert best_so_far(tmp_path, "val_balanced_accuracy", "max") == 0.5 and _epochs_done(tmp_path, 1) == 2
