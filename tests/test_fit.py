@@ -94,3 +94,11 @@ def test_a_run_stopped_before_its_first_epoch_ended_resumes(tmp_path):
     assert _epochs_done(tmp_path, 1) == 0
     history([0.4, 0.5], [0.5, 0.5], [1, 1]).to_csv(tmp_path / "history.csv", index=False)
     assert best_so_far(tmp_path, "val_balanced_accuracy", "max") == 0.5 and _epochs_done(tmp_path, 1) == 2
+
+
+def test_review_counts_a_resumed_epoch_once():
+    # Epoch 3 was logged, interrupted and run again: the second line is the one that counts.
+    frame = history([0.5, 0.55, 0.2, 0.6], [0.5, 0.5, 1.0, 0.5], [1, 1, 2, 2])
+    frame["epoch"] = [0, 1, 2, 2]
+    review = review_phases(frame, "val_balanced_accuracy", "max", 0.95)
+    assert review["warnings"] == [] and review["best_epoch"] == 3

@@ -41,7 +41,9 @@ def test_default_demo_run_learns_offline_within_five_minutes(tmp_path):
         assert (run_dir / name).is_file(), name
     assert verify_manifest(run_dir / "export") >= 10  # SavedModel files, .keras, 2 TFLite, labels, card, parity
     parity = json.loads((run_dir / "export" / "parity.json").read_text())
-    assert all(f["top1_agreement"] >= 0.99 for f in parity["formats"].values()), parity
+    formats = parity["formats"]
+    assert formats["tflite_fp32"]["top1_agreement"] == 1.0 and formats["savedmodel"]["top1_agreement"] == 1.0
+    assert formats["tflite_int8_full"]["top1_agreement"] >= 0.98, parity  # at most one of the 72 test images flips
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("dermascan").experiment_id])
     assert run.info.run_name == f"train/{run_dir.name}"

@@ -10,8 +10,8 @@ p-norm mean of the channel,
 
 and the image is divided by it, with e scaled so that a grey illuminant
 leaves the image unchanged (e / ||e|| * sqrt(3)); the result is clipped to
-0-255. Brightness is kept: multiplying the image by a constant leaves it
-unchanged, so only its colour cast is removed.
+0-255. Brightness is kept: the output of an image multiplied by a constant
+is the output multiplied by that constant, so only the colour cast is removed.
 
 It is a layer, not a preprocessing step, so that training, evaluation, the
 exported SavedModel/TFLite/Core ML models and the service all apply the
@@ -26,7 +26,9 @@ import keras
 from keras import ops
 
 COLOR_CONSTANCY = ("none", "shades_of_gray")
-NORM_FLOOR = 0.05  # below (H * W) ** (-1 / 6) for any image under 64 megapixels
+# Below (H * W) ** (-1 / p) for p = 6 and any image under 64 megapixels; with a smaller p it can only
+# touch a channel that is almost entirely dark.
+NORM_FLOOR = 0.05
 ILLUMINANT_FLOOR = 2.0  # in pixel units (0-255)
 
 

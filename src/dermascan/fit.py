@@ -87,9 +87,9 @@ class LargestClassShare(keras.metrics.Metric):
         self.counts = self.add_variable(shape=(num_classes,), initializer="zeros", dtype="float32", name="counts")
 
     def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Optional[tf.Tensor] = None) -> None:
-        predicted = tf.argmax(y_pred, axis=-1)
-        self.counts.assign_add(tf.math.bincount(tf.cast(predicted, tf.int32), minlength=self.num_classes,
-                                                maxlength=self.num_classes, dtype=tf.float32))
+        # A sum of one-hot rows, not tf.math.bincount: bincount has no deterministic GPU kernel.
+        predicted = tf.one_hot(tf.argmax(y_pred, axis=-1), self.num_classes, dtype=tf.float32)
+        self.counts.assign_add(tf.reduce_sum(predicted, axis=0))
 
     def result(self) -> tf.Tensor:
         return tf.math.divide_no_nan(tf.reduce_max(self.counts), tf.reduce_sum(self.counts))
@@ -247,8 +247,11 @@ def run_phases(
         if e2 > 0:
             trainable = unfreeze(base, train_cfg.phase2.unfreeze_from, freeze_bn=freeze_bn)
             head_bn = train_cfg.phase2.freeze_head_bn
-            if head_bn if head_bn is not None else freeze_bn:
+            if (head_bn if head_bn is not None else freeze_bn) and state["phase1_epochs"] > 0:
                 log.info("phase 2: %d head BatchNorm layer(s) in inference mode", freeze_head_bn(model))
+            elif head_bn:
+                log.warning("phase 2: the head's BatchNorm layers keep training: phase 1 ran no epoch, so they "
+                            "have no statistics worth freezing")
             steps = steps_per_epoch * e2
             warmup = steps_per_epoch * train_cfg.phase2.warmup_epochs
             schedule = cosine_schedule(train_cfg.phase2.lr, steps, warmup, train_cfg.phase2.min_lr_fraction)
@@ -286,6 +289,8 @@ def review_phases(history: pd.DataFrame, monitor: str, mode: str, collapse_share
     """
     if history.empty or monitor not in history or history[monitor].dropna().empty:
         return {"best_epoch": None, "best_phase": None, "warnings": []}
+    if "epoch" in history:  # a resumed run can log an epoch twice: the later line is the one that counts
+        history = history.drop_duplicates("epoch", keep="last").reset_index(drop=True)
     values = history[monitor]
     best = values.idxmax() if mode == "max" else values.idxmin()
     review: dict[str, Any] = {
@@ -307,7 +312,7 @@ def review_phases(history: pd.DataFrame, monitor: str, mode: str, collapse_share
                     f"phase {int(phase)} collapsed: in epoch(s) {epochs} at least {collapse_share:.0%} of the val "
                     f"predictions fell on one class (largest share {collapsed[share].max():.2f})"
                 )
-    phases = {int(p): rows[monitor] for p, rows in history.groupby("phase")}
+    phases = {int(p): rows[monitor].dropna() for p, rows in history.groupby("phase") if rows[monitor].notna().any()}
     if 1 in phases and 2 in phases:
         one, two = (phases[1].max(), phases[2].max()) if mode == "max" else (phases[1].min(), phases[2].min())
         if not (two > one if mode == "max" else two < one):

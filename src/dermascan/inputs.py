@@ -165,6 +165,8 @@ def make_inputs(
     """
     if frame.empty:
         raise DataError("no images to build an input pipeline from")
+    if spec.engine == "legacy" and spec.sampler != "shuffle":  # before the cache is built, not after
+        raise ConfigError("train.sampler=balanced needs augment.engine=fast (ImageDataGenerator only shuffles)")
     paths = build_cache(
         frame["image_id"],
         frame["path"],
@@ -176,8 +178,6 @@ def make_inputs(
     )
     labels = list(frame["label"])
     if spec.engine == "legacy":
-        if spec.sampler != "shuffle":
-            raise ConfigError("train.sampler=balanced needs augment.engine=fast (ImageDataGenerator only shuffles)")
         return legacy_iterator(paths, labels, spec, params, training)
     if spec.engine != "fast":
         raise DataError(f"unknown augment.engine {spec.engine!r}; expected fast or legacy")
