@@ -15,11 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
+from dermascan.fit import read_history
 
 
 def row(run_dir: Path) -> str:
-    history = pd.read_csv(run_dir / "history.csv")
+    history = read_history(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     by_phase = {int(p): rows for p, rows in history.groupby("phase")}
 

@@ -105,14 +105,26 @@ def sample_pixels(sample_jpegs, sample_labels):
     return images, labels
 
 
+def with_real_statistics(model, base, images) -> None:
+    """Set every BatchNorm's statistics from one batch of real images (momentum 0), then refreeze the backbone.
+
+    Random weights with default statistics give the same output for every
+    image; with these, the output depends on the input, so agreement and
+    equality checks mean something.
+    """
+    import keras
+
+    base.trainable = True
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(images[:32].astype("float32"), training=True)
+    base.trainable = False
+
+
 @pytest.fixture(scope="session")
 def exported(sample_pixels, tmp_path_factory):
-    """A 64-px model exported in every format, parity measured on the real sample images; shared by export and serve tests.
-
-    Random weights with default BatchNorm statistics give the same output
-    for every image; statistics from one batch of real images make the
-    output depend on the input, so agreement and equality checks mean something.
-    """
+    """A 64-px model exported in every format, parity measured on the real sample images; shared by export and serve tests."""
     import keras
 
     from dermascan.export import export_model
@@ -123,12 +135,7 @@ def exported(sample_pixels, tmp_path_factory):
     keras.utils.set_random_seed(0)
     model, base = build_model(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3],
                               bn_momentum=0.0)
-    base.trainable = True
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-    model(images[:32].astype("float32"), training=True)
-    base.trainable = False
+    with_real_statistics(model, base, images)
     out_dir = tmp_path_factory.mktemp("export") / "export"
     report = export_model(
         model, out_dir, image_size=EXPORT_SIZE, tflite=TFLITE_KINDS, temperature=1.7,

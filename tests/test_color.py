@@ -85,18 +85,13 @@ def test_exported_formats_apply_the_same_normalisation(sample_pixels, tmp_path):
     from dermascan.export import export_model
     from dermascan.runtime import load_predictor
 
-    from .conftest import EXPORT_SIZE
+    from .conftest import EXPORT_SIZE, with_real_statistics
 
     images, labels = sample_pixels
     keras.utils.set_random_seed(0)
     model, base = build_model(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16], dropout=[0.0],
                               bn_momentum=0.0, color_constancy="shades_of_gray")
-    base.trainable = True
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-    model(images[:32].astype("float32"), training=True)  # real-image statistics: outputs depend on the input
-    base.trainable = False
+    with_real_statistics(model, base, images)
     out_dir = tmp_path / "export"
     report = export_model(model, out_dir, image_size=EXPORT_SIZE, tflite=["fp32"], parity_images=images[:64],
                           parity_labels=labels[:64], min_agreement=0.99)

@@ -100,9 +100,9 @@ def fast_dataset(
         ds = balanced_sampler(list(paths), indices, spec)
     else:
         ds = tf.data.Dataset.from_tensor_slices((list(paths), indices))
-    if training and spec.sampler != "balanced":
-        ds = ds.shuffle(min(len(paths), spec.shuffle_buffer), seed=spec.seed, reshuffle_each_iteration=True)
-        ds = ds.repeat()
+        if training:
+            ds = ds.shuffle(min(len(paths), spec.shuffle_buffer), seed=spec.seed, reshuffle_each_iteration=True)
+            ds = ds.repeat()
     size = spec.image_size
     ds = ds.map(
         lambda path, label: (decode(path, size), tf.one_hot(label, len(CODES), dtype=tf.float32)),
