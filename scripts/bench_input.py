@@ -28,8 +28,8 @@ import pandas as pd
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from dermascan.augment import AugmentParams
-from dermascan.inputs import PipelineSpec, decode, make_inputs
+from dermascan.modeling.augment import AugmentParams
+from dermascan.modeling.inputs import PipelineSpec, decode, make_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_input")

@@ -52,7 +52,7 @@ def free_port() -> int:
 def make_export(out: Path, image_size: int, alpha: float) -> None:
     """A MobileNetV2 model with random weights (for speed, not answers), exported with TFLite fp32."""
     from dermascan.export import export_model
-    from dermascan.model import build_model
+    from dermascan.modeling.model import build_model
 
     started = time.perf_counter()
     model, _ = build_model(image_size=image_size, weights=None, alpha=alpha)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
-from omegaconf import OmegaConf
 
-from dermascan.augment import AugmentParams
-from dermascan.fit import compile_model
-from dermascan.inputs import PipelineSpec, make_inputs
-from dermascan.model import build_model, unfreeze
+from dermascan.config import RunConfig, compose
+from dermascan.modeling.augment import AugmentParams
+from dermascan.modeling.fit import compile_model
+from dermascan.modeling.inputs import PipelineSpec, make_inputs
+from dermascan.modeling.model import build_model, unfreeze
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_train")
@@ -59,7 +59,8 @@ def main() -> None:
         precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
     keras.mixed_precision.set_global_policy(precision)
     frame = sample_frame(REPO.parent / "shared/data/isic-sample/images", REPO.parent / "shared/data/isic/ISIC_2019_Training_GroundTruth.csv")
-    params = AugmentParams.from_config(OmegaConf.to_container(OmegaConf.load(REPO / "configs/augment/default.yaml")))
+    cfg = compose("train", RunConfig, ["run_dir=unused", "augment=default"])
+    params = AugmentParams.from_config(cfg.augment)
     spec = PipelineSpec(image_size=args.size, batch_size=args.batch, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         cache = {"dir": tmp, "size": args.size, "method": "bilinear", "quality": 95, "workers": 4}
@@ -69,11 +70,11 @@ def main() -> None:
 
         model, base = build_model(image_size=args.size, weights=None, alpha=args.alpha, freeze_bn=True)
         rows = []
-        compile_model(model, 1e-3, 0.0, args.jit)
+        compile_model(model, 1e-3, cfg.train, args.jit)
         rows.append(("phase 1 (frozen backbone)", rate(model, pipeline, args.steps, args.batch),
                      rate(model, in_memory, args.steps, args.batch)))
         unfreeze(base, None, freeze_bn=True)
-        compile_model(model, 1e-4, 0.0, args.jit)
+        compile_model(model, 1e-4, cfg.train, args.jit)
         rows.append(("phase 2 (whole network)", rate(model, pipeline, args.steps, args.batch),
                      rate(model, in_memory, args.steps, args.batch)))
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"

@@ -46,12 +46,12 @@ Other things the scorer does that the fixtures are built around:
   column. The generated rows have no tied maximum, so both agree.
 * Its per-category sensitivity, specificity, PPV, NPV, dice and accuracy
   threshold each column at 0.5 on its own, not at the argmax; they are
-  recorded but are not the argmax figures of ``dermascan.metrics``. The
+  recorded but are not the argmax figures of ``dermascan.evaluation.metrics``. The
   per-category ``accuracy`` is Keras' binary accuracy of that column.
 * Probabilities are multiples of 1/4096, so many scores tie within a
   column (the AUCs exercise tie handling), AK + SCC is exact in floating
   point, and the 12-decimal strings in the CSVs are exact: the scorer reads
-  exactly the floats that ``dermascan.metrics.to_isic2018`` computes from
+  exactly the floats that ``dermascan.evaluation.metrics.to_isic2018`` computes from
   the 8-class file. The script checks that every CSV reads back (with
   pandas' default parser, as the scorer reads it) to the very same floats.
 """

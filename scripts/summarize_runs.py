@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dermascan.fit import read_history
+from dermascan.artifacts import read_history
 
 
 def row(run_dir: Path) -> str:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dermascan.config import RunConfig, config_dir, validate
+from dermascan import config
+from dermascan.config import RunConfig
 from dermascan.data.isic import METADATA_2019, RELEASES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,9 +21,7 @@ SAMPLE_IMAGES = SHARED / "isic-sample" / "images"
 
 def compose_config(name: str, overrides: list[str], schema: type) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with overrides and validate it, as the entry points do."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(name, overrides=overrides)
-    return validate(cfg, schema)
+    return config.compose(name, schema, overrides)
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +126,7 @@ def exported(sample_pixels, tmp_path_factory):
     import keras
 
     from dermascan.export import export_model
-    from dermascan.model import build_model
+    from dermascan.modeling.model import build_model
     from dermascan.runtime import TFLITE_KINDS
 
     images, labels = sample_pixels

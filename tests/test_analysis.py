@@ -1,4 +1,4 @@
-"""dermascan.analysis: the error-analysis notebook's logic, on hand-made tables, tiny models and the debug run."""
+"""dermascan.evaluation.analysis: the error-analysis notebook's logic, on hand-made tables, tiny models and the debug run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermascan import analysis
 from dermascan.classes import CODES, INDEX
 from dermascan.errors import DataError
-from dermascan.metrics import classification_metrics
+from dermascan.evaluation import analysis
+from dermascan.evaluation.metrics import classification_metrics
 
 # id, label, predicted, probability of the predicted class, source, site, age, sex
 ROWS = [
@@ -251,7 +251,7 @@ def test_grad_cam_equals_cam_for_a_gap_linear_head(nested):
 @pytest.fixture(scope="module")
 def tiny():
     """The project's model at 64 px: a nested MobileNetV2 (0.35) whose last feature map is 2x2."""
-    from dermascan.model import build_model
+    from dermascan.modeling.model import build_model
 
     keras.utils.set_random_seed(0)
     model, base = build_model(image_size=64, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3])

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-from dermascan.augment import (
+from dermascan.modeling.augment import (
     CV2_BORDERS,
     AugmentParams,
     IDGAugmentation,
@@ -31,6 +31,9 @@ RANGES = dict(
     height_shift_range=0.1,
     zoom_range=[0.8, 1.2],
     shear_range=20.0,
+    horizontal_flip=False,
+    vertical_flip=False,
+    brightness_range=None,
     fill_mode="constant",
     cval=0.0,
 )
@@ -176,7 +179,7 @@ def test_layer_augments_only_in_training():
 
 
 def test_auto_device_is_cpu_without_a_gpu():
-    from dermascan.augment import resolve_device
+    from dermascan.modeling.augment import resolve_device
 
     assert tf.config.list_physical_devices("GPU") == []
     assert resolve_device("auto") == "cpu" and resolve_device("accelerator") == "accelerator"

@@ -1,4 +1,4 @@
-"""dermascan.calibration: temperature scaling recovers a known temperature and lowers ECE."""
+"""dermascan.evaluation.calibration: temperature scaling recovers a known temperature and lowers ECE."""
 
 from __future__ import annotations
 
@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from dermascan.calibration import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
-from dermascan.metrics import classification_metrics, expected_calibration_error
+from dermascan.evaluation.calibration import (
+    TEMPERATURE_BOUNDS,
+    apply_temperature,
+    fit_temperature,
+)
+from dermascan.evaluation.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+)
 
 K = 8
 

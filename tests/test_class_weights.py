@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
-from dermascan.class_weights import class_weights, keras_class_weight, save
 from dermascan.classes import CODES
 from dermascan.data.isic import RELEASES, read_ground_truth
 from dermascan.errors import ConfigError
+from dermascan.modeling.class_weights import class_weights, keras_class_weight, save
 
 
 @pytest.fixture(scope="module")

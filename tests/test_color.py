@@ -1,4 +1,4 @@
-"""Shades of Gray colour constancy (dermascan.color) against a numpy reference, in and out of the model."""
+"""Shades of Gray colour constancy (dermascan.modeling.color) against a numpy reference, in and out of the model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermascan.color import ShadesOfGray
-from dermascan.model import build_model
+from dermascan.modeling.color import ShadesOfGray
+from dermascan.modeling.model import build_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic-sample" / "images"
 

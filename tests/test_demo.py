@@ -16,7 +16,7 @@ from dermascan.ingest import ingest
 
 from .conftest import compose_config
 
-SMALL = demo.DemoSpec(images_per_class=12, seed=3, min_side=64, max_side=160)
+SMALL = demo.DemoSpec(images_per_class=12, seed=3, min_side=64, max_side=160, isic2018_share=0.5)
 
 
 def digest(path) -> str:
@@ -41,7 +41,7 @@ def test_demo_is_reused_and_regenerated_when_settings_change(tmp_path):
     stamp = (root / "ISIC_2019_Training_GroundTruth.csv").stat().st_mtime_ns
     demo.ensure(root, SMALL)
     assert (root / "ISIC_2019_Training_GroundTruth.csv").stat().st_mtime_ns == stamp
-    demo.ensure(root, demo.DemoSpec(images_per_class=5, seed=3, min_side=64, max_side=160))
+    demo.ensure(root, demo.DemoSpec(images_per_class=5, seed=3, min_side=64, max_side=160, isic2018_share=0.5))
     assert len(list((root / "ISIC_2019_Training_Input").glob("*.jpg"))) == 40
 
 

@@ -30,16 +30,34 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from dermascan.config import Release, validate
-from dermascan.download import (
-    OFFICIAL_FILES,
-    STATE_FILE,
-    DownloadConfig,
-    download,
-    extract,
-    fetch,
-)
+from dermascan.config import DownloadConfig, Release, validate
+from dermascan.config import compose as compose_validated
+from dermascan.data.fetch import fetch
+from dermascan.download import STATE_FILE, download, extract
 from dermascan.errors import ConfigError, DownloadError
+
+# The official files of each release, as configs/download.yaml must list them.
+OFFICIAL_FILES: dict[str, list[str]] = {
+    "isic2018_train": [
+        "2018/ISIC2018_Task3_Training_Input.zip",
+        "2018/ISIC2018_Task3_Training_GroundTruth.zip",
+        "2018/ISIC2018_Task3_Training_LesionGroupings.csv",
+    ],
+    "isic2018_val": [
+        "2018/ISIC2018_Task3_Validation_Input.zip",
+        "2018/ISIC2018_Task3_Validation_GroundTruth.zip",
+    ],
+    "isic2018_test": [
+        "2018/ISIC2018_Task3_Test_Input.zip",
+        "2018/ISIC2018_Task3_Test_GroundTruth.zip",
+    ],
+    "isic2019_train": [
+        "2019/ISIC_2019_Training_Input.zip",
+        "2019/ISIC_2019_Training_GroundTruth.csv",
+        "2019/ISIC_2019_Training_Metadata.csv",
+    ],
+}
+
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NO_PROXY = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
@@ -204,8 +222,7 @@ def make_cfg(server: FakeISIC, dest: Path, **download_overrides: Any) -> DictCon
         **download_overrides,
     }
     paths = {"data_dir": str(dest.parent), "runs_dir": str(dest.parent / "runs")}
-    raw = {"paths": paths, "download": settings}
-    return validate(OmegaConf.create(raw), DownloadConfig)
+    return compose_validated("download", DownloadConfig, values={"paths": paths, "download": settings})
 
 
 def names(folder: Path) -> set[str]:

@@ -9,9 +9,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
 
-from dermascan.calibration import apply_temperature
 from dermascan.classes import CODES
 from dermascan.config import EvaluateRunConfig
 from dermascan.evaluate import (
@@ -22,13 +20,14 @@ from dermascan.evaluate import (
     score,
     score_isic2018,
 )
-from dermascan.metrics import (
+from dermascan.evaluation.calibration import apply_temperature
+from dermascan.evaluation.metrics import (
     CODES_2018,
     classification_metrics,
     expected_calibration_error,
     to_isic2018,
 )
-from dermascan.report import render_report
+from dermascan.evaluation.report import render_report
 from dermascan.rundir import load_images
 
 from .conftest import compose_config
@@ -141,7 +140,7 @@ def test_evaluate_cli_needs_a_run_or_an_export_and_manifest():
     from dermascan.errors import ConfigError
 
     with pytest.raises(ConfigError, match="give run_dir"):
-        evaluate_main_task(OmegaConf.structured(EvaluateRunConfig))
+        evaluate_main_task(compose_config("evaluate_run", [], EvaluateRunConfig))
 
 
 def test_a_temperature_is_only_used_when_val_can_identify_it():

@@ -14,16 +14,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from dermascan import tracking
+from dermascan.artifacts import read_labels, tflite_name
+from dermascan.checksums import ManifestError, verify_manifest
 from dermascan.classes import CODES, INDEX
-from dermascan.export import (
-    ExportError,
-    ManifestError,
-    below_agreement,
-    export_model,
-    verify_manifest,
-    write_coreml,
-)
-from dermascan.runtime import TFLITE_KINDS, load_predictor, read_labels, tflite_name
+from dermascan.export import ExportError, below_agreement, export_model, write_coreml
+from dermascan.runtime import TFLITE_KINDS, load_predictor
 
 from .conftest import EXPORT_SIZE, REPO
 

@@ -7,8 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermascan.fit import LargestClassShare, compile_model, review_phases
-from dermascan.model import build_model, freeze_head_bn, unfreeze
+from dermascan.config import RunConfig
+from dermascan.modeling.fit import LargestClassShare, compile_model, review_phases
+from dermascan.modeling.model import build_model, freeze_head_bn, unfreeze
+
+from .conftest import compose_config
 
 
 def history(val: list[float], shares: list[float], phases: list[int]) -> pd.DataFrame:
@@ -61,7 +64,8 @@ def test_frozen_head_bn_keeps_its_statistics_while_the_backbone_fine_tunes():
     labels = np.eye(8)[np.arange(16) % 8]
     unfreeze(base, -10, freeze_bn=True)
     assert freeze_head_bn(model) == 2
-    compile_model(model, 1e-2, 0.0, False, clipnorm=1.0)
+    train_cfg = compose_config("train", ["run_dir=/tmp/x", "train.clipnorm=1.0"], RunConfig).train
+    compile_model(model, 1e-2, train_cfg, False)
     head = {w.path: w.numpy() for layer in ("bn_1", "bn_2") for w in model.get_layer(layer).weights}
     kernel = base.layers[-5].get_weights()
     model.fit(images, labels, epochs=2, batch_size=8, verbose=0)
@@ -74,7 +78,7 @@ def test_frozen_head_bn_keeps_its_statistics_while_the_backbone_fine_tunes():
 
 
 def test_report_leads_with_the_training_warnings():
-    from dermascan.report import training_section
+    from dermascan.evaluation.report import training_section
 
     review = review_phases(history([0.5, 0.56, 0.3], [0.5, 0.5, 0.97], [1, 1, 2]), "val_balanced_accuracy", "max", 0.95)
     text = "\n".join(training_section(review))
@@ -86,7 +90,8 @@ def test_report_leads_with_the_training_warnings():
 
 def test_a_run_stopped_before_its_first_epoch_ended_resumes(tmp_path):
     """CSVLogger creates history.csv when training starts; killed before an epoch ends, it stays empty."""
-    from dermascan.fit import _epochs_done, best_so_far, read_history
+    from dermascan.artifacts import read_history
+    from dermascan.modeling.fit import _epochs_done, best_so_far
 
     (tmp_path / "history.csv").write_text("")
     assert read_history(tmp_path).empty

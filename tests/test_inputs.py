@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermascan.augment import AugmentParams
 from dermascan.classes import CODES
 from dermascan.config import IngestConfig
 from dermascan.data.cache import build_cache, cache_folder
 from dermascan.errors import DataError
 from dermascan.ingest import ingest
-from dermascan.inputs import PipelineSpec, iterate, make_inputs
+from dermascan.modeling.augment import AugmentParams
+from dermascan.modeling.inputs import PipelineSpec, iterate, make_inputs
 
 from .conftest import compose_config
 

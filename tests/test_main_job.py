@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from dermascan.export import verify_manifest
+from dermascan.checksums import verify_manifest
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
 

@@ -1,4 +1,4 @@
-"""dermascan.metrics against scikit-learn, Keras and the official ISIC scorer's goldens."""
+"""dermascan.evaluation.metrics against scikit-learn, Keras and the official ISIC scorer's goldens."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from sklearn.metrics import (
 
 from dermascan import classes
 from dermascan.classes import CODES
-from dermascan.metrics import (
+from dermascan.evaluation.metrics import (
     CODES_2018,
     LABEL_2018_INDEX,
     _resample_metrics,

@@ -111,7 +111,7 @@ def png_size(data: str) -> tuple[int, int]:
 def test_notebook_runs_on_the_debug_run(debug_run, isolated_kernel):
     from nbclient import NotebookClient
 
-    from dermascan import analysis
+    from dermascan.evaluation import analysis
 
     cfg = debug_run[0]
     nb = inject(nbformat.read(NOTEBOOK, as_version=4), run_dir=str(cfg.run_dir), n_worst=6, gradcam_images=2)

@@ -13,8 +13,8 @@ import pytest
 from matplotlib._pylab_helpers import Gcf
 from PIL import Image
 
-from dermascan import plots
 from dermascan.classes import CODES, INDEX
+from dermascan.evaluation import plots
 
 K = len(CODES)
 
@@ -216,7 +216,7 @@ def test_reliability_before_and_after_calibration_all_empty_bins(tmp_path: Path)
 
 def test_reliability_accepts_mean_confidence_key() -> None:
     bins = bins_with_empties()
-    bins["mean_confidence"] = bins.pop("confidence")  # as dermascan.metrics.reliability_bins names it
+    bins["mean_confidence"] = bins.pop("confidence")  # as dermascan.evaluation.metrics.reliability_bins names it
     fig = plots._reliability_figure(bins)
     assert len(fig.axes[0].containers[0]) == 7
 

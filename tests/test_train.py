@@ -184,7 +184,7 @@ def test_freezing_phase1_keeps_backbone_phase2_tunes_it_but_not_bn_statistics(tm
     statistics = [k for k in begin2 if k.endswith(("moving_mean", "moving_variance"))]
     changed = [k for k in kernels if not np.array_equal(begin2[k], end2[k])]
     # Only the last 20 backbone layers fine-tune; the earlier ones stay frozen.
-    from dermascan.model import build_backbone
+    from dermascan.modeling.model import build_backbone
 
     last20 = {layer.name for layer in build_backbone("mobilenet_v2", 32, None, alpha=0.35).layers[-20:]}
     assert len(changed) >= 5 and all(k.split("/")[0] in last20 for k in changed)
@@ -192,7 +192,7 @@ def test_freezing_phase1_keeps_backbone_phase2_tunes_it_but_not_bn_statistics(tm
 
 
 def test_local_weights_file_is_loaded(tmp_path):
-    from dermascan.model import build_backbone, build_model
+    from dermascan.modeling.model import build_backbone, build_model
 
     source = build_backbone("mobilenet_v2", 32, None, alpha=0.35)
     path = tmp_path / "backbone.weights.h5"
@@ -209,7 +209,7 @@ def test_imagenet_download_failure_names_the_alternatives(monkeypatch):
 
     import keras.src.utils.file_utils as file_utils
 
-    from dermascan.model import WeightsError, build_backbone
+    from dermascan.modeling.model import WeightsError, build_backbone
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -220,7 +220,7 @@ def test_imagenet_download_failure_names_the_alternatives(monkeypatch):
 
 
 def test_other_backbone_builds_with_preprocessing_inside():
-    from dermascan.model import build_model
+    from dermascan.modeling.model import build_model
 
     model, base = build_model(backbone="efficientnet_b0", image_size=32, weights=None, units=[8], dropout=[0.3])
     probabilities = model.predict(np.full((2, 32, 32, 3), 128.0, np.float32), verbose=0)
@@ -229,7 +229,7 @@ def test_other_backbone_builds_with_preprocessing_inside():
 
 
 def test_mixed_precision_keeps_softmax_float32():
-    from dermascan.model import build_model
+    from dermascan.modeling.model import build_model
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -243,7 +243,7 @@ def test_mixed_precision_keeps_softmax_float32():
 def test_balanced_accuracy_metric_matches_scikit_learn():
     from sklearn.metrics import balanced_accuracy_score
 
-    from dermascan.fit import BalancedAccuracy
+    from dermascan.modeling.fit import BalancedAccuracy
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 7, 300)  # class 7 never occurs in the truth

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from dermascan.artifacts import CHECKSUMS
 from dermascan.errors import DermascanError
-
-MANIFEST = "MANIFEST.sha256"
 
 
 class ManifestError(DermascanError):
@@ -30,13 +29,13 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def listed_files(folder: Path) -> list[str]:
     """Every file under ``folder`` but the manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
 def write_manifest(folder: Path) -> Path:
     """Write ``MANIFEST.sha256`` for every other file in ``folder``."""
     folder = Path(folder)
-    path = folder / MANIFEST
+    path = folder / CHECKSUMS
     path.write_text("".join(f"{sha256(folder / name)}  {name}\n" for name in listed_files(folder)))
     return path
 
@@ -48,7 +47,7 @@ def verify_manifest(folder: Path) -> int:
     missing, a line is malformed, or a file is missing, changed or unlisted.
     """
     folder = Path(folder)
-    path = folder / MANIFEST
+    path = folder / CHECKSUMS
     if not folder.is_dir():
         raise ManifestError(f"export folder {folder} not found")
     if not path.is_file():
@@ -64,5 +63,5 @@ def verify_manifest(folder: Path) -> int:
     problems += [f"not in the manifest: {n}" for n in listed_files(folder) if n not in listed]
     if problems:
         shown = "\n  ".join(problems[:10])
-        raise ManifestError(f"{folder} does not match {MANIFEST} ({len(problems)} problem(s)):\n  {shown}")
+        raise ManifestError(f"{folder} does not match {CHECKSUMS} ({len(problems)} problem(s)):\n  {shown}")
     return len(listed)

@@ -1,19 +1,29 @@
-"""Config schemas, validation and the location of the Hydra config tree.
+"""Every config schema, its validation, and where the Hydra config tree is.
 
-The YAML files in ``configs/`` hold the values; the dataclasses here hold the
-keys and types. ``validate`` merges a composed config onto its schema, so an
-unknown key or a wrong type fails at start-up with a message that names it,
-not an hour into training.
+One source of values: the YAML files in ``configs/`` hold every default (with
+the comments a user reads), and the dataclasses here hold only the keys and
+types, every field MISSING. The YAML is the source because it is what users
+read, override and find in a run's ``.hydra/config.yaml``; a default written
+here as well would drift from it (it did: ``rotation_range`` was 0 here and
+180 there). ``tests/test_config.py`` fails if a schema field gets a default
+of its own, or if a YAML key has no schema field.
+
+``validate`` merges a composed config onto its schema, so an unknown key, a
+wrong type or a value outside a choice (the StrEnums below, each defined only
+here) fails at start-up with a message that names it, not an hour into
+training. ``rundir`` loads a finished run's saved config through the same
+``validate``, so old and new configs hold the same types.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dermascan.errors import ConfigError
@@ -32,100 +42,235 @@ def config_dir() -> str:
     return "pkg://dermascan.configs"
 
 
-class Release(str, Enum):
+def _composed(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The YAML of a primary config, composed by Hydra but neither resolved nor validated."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a @hydra.main app: its config tree is this one
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    else:
+        where = config_dir()
+        init = (
+            initialize_config_module(where.removeprefix("pkg://"), version_base="1.3")
+            if where.startswith("pkg://")
+            else initialize_config_dir(where, version_base="1.3")
+        )
+        with init:
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    cfg.pop("hydra", None)
+    return cfg
+
+
+def compose(
+    config_name: str, schema: type, overrides: Sequence[str] = (), values: Optional[Mapping[str, Any]] = None
+) -> DictConfig:
+    """A primary config (``train``, ``serve``, ...) composed from the YAML and validated, without ``@hydra.main``.
+
+    For code that runs outside a Hydra app, such as the Lambda handler, and
+    for tests: the values are the YAML's, the one source of defaults.
+    ``overrides`` are Hydra's command-line overrides; ``values`` are merged
+    over the result as they are (no override grammar to escape).
+    """
+    cfg = _composed(config_name, overrides)
+    if values:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(values)))
+    return validate(cfg, schema)
+
+
+def load_saved_run_config(path: Path) -> tuple[DictConfig, list[str]]:
+    """A training run's saved ``config.yaml``, validated as a fresh one is; and the keys it lacked.
+
+    A run saved before a key existed gets that key's value from the base
+    groups' YAML (``configs/train.yaml`` without an experiment, so "off" for
+    a new feature); the second return value names those keys, so the caller
+    can say so.
+    """
+    saved = OmegaConf.load(path)
+    base = _composed("train", ["~experiment"])
+    absent = object()
+    filled = sorted(k for k in _leaf_keys(base) if OmegaConf.select(saved, k, default=absent) is absent)
+    return validate(OmegaConf.merge(base, saved), RunConfig), filled
+
+
+def _leaf_keys(cfg: Any, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in (cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else []):
+        name = f"{prefix}{key}"
+        keys |= _leaf_keys(value, name + ".") if isinstance(value, DictConfig) else {name}
+    return keys
+
+
+class Release(StrEnum):
     isic2018_train = "isic2018_train"
     isic2018_val = "isic2018_val"
     isic2018_test = "isic2018_test"
     isic2019_train = "isic2019_train"
 
 
-class AkiecPolicy(str, Enum):
+class AkiecPolicy(StrEnum):
     drop = "drop"
     ak = "ak"
 
 
-class MissingPolicy(str, Enum):
+class MissingPolicy(StrEnum):
     error = "error"
     skip = "skip"
 
 
-class VerifyMode(str, Enum):
+class VerifyMode(StrEnum):
     header = "header"
     decode = "decode"
 
 
-class SplitPolicy(str, Enum):
+class SplitPolicy(StrEnum):
     grouped = "grouped"
     official = "official"
 
 
-class Engine(str, Enum):
+class ResizeMethod(StrEnum):
+    """How images are brought to the model's size (PIL's filters; ``area`` is PIL's BOX)."""
+
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    lanczos = "lanczos"
+    area = "area"
+
+
+class BackboneName(StrEnum):
+    """The backbones ``dermascan.modeling.model.BACKBONES`` builds (one entry there per name here)."""
+
+    mobilenet_v2 = "mobilenet_v2"
+    efficientnet_b0 = "efficientnet_b0"
+    mobilenet_v3_small = "mobilenet_v3_small"
+
+
+class Engine(StrEnum):
     fast = "fast"
     legacy = "legacy"
 
 
-class AugmentDevice(str, Enum):
+class AugmentDevice(StrEnum):
     auto = "auto"
     cpu = "cpu"
     accelerator = "accelerator"
 
 
+class FillMode(StrEnum):
+    constant = "constant"
+    nearest = "nearest"
+    reflect = "reflect"
+    wrap = "wrap"
+
+
+class ColorConstancy(StrEnum):
+    none = "none"
+    shades_of_gray = "shades_of_gray"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+class Strategy(StrEnum):
+    auto = "auto"
+    none = "none"
+    mirrored = "mirrored"
+    multi_worker = "multi_worker"
+
+
+class Split(StrEnum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class Tta(StrEnum):
+    none = "none"
+    flips = "flips"
+    flips_rot90 = "flips_rot90"
+
+
+class TfliteKind(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8_dynamic = "int8_dynamic"
+    int8_full = "int8_full"
+
+
+class Runtime(StrEnum):
+    savedmodel = "savedmodel"
+    tflite = "tflite"
+    keras = "keras"
+
+
+# Every value comes from the YAML (see the module docstring): a field here is
+# MISSING unless the YAML sets it, and tests/test_config.py fails if a schema
+# ever carries a default of its own.
+
+
 @dataclass
 class AugmentConfig:
-    engine: Engine = Engine.fast
-    device: AugmentDevice = AugmentDevice.auto
-    rotation_range: float = 0.0
-    width_shift_range: float = 0.0
-    height_shift_range: float = 0.0
-    zoom_range: Any = 0.0  # a float z ([1 - z, 1 + z]) or a [lo, hi] pair
-    shear_range: float = 0.0
-    horizontal_flip: bool = False
-    vertical_flip: bool = False
-    brightness_range: Optional[list[float]] = None
-    fill_mode: str = "nearest"
-    cval: float = 0.0
+    engine: Engine = MISSING
+    device: AugmentDevice = MISSING
+    rotation_range: float = MISSING
+    width_shift_range: float = MISSING
+    height_shift_range: float = MISSING
+    zoom_range: Any = MISSING  # a float z ([1 - z, 1 + z]) or a [lo, hi] pair
+    shear_range: float = MISSING
+    horizontal_flip: bool = MISSING
+    vertical_flip: bool = MISSING
+    brightness_range: Optional[list[float]] = MISSING
+    fill_mode: FillMode = MISSING
+    cval: float = MISSING
 
 
 @dataclass
 class PathsConfig:
-    data_dir: str = "data"
-    runs_dir: str = "runs"
+    data_dir: str = MISSING
+    runs_dir: str = MISSING
 
 
 @dataclass
 class DemoConfig:
-    images_per_class: int = 60
-    seed: int = 0
-    min_side: int = 160
-    max_side: int = 480
-    isic2018_share: float = 0.5
+    images_per_class: int = MISSING
+    seed: int = MISSING
+    min_side: int = MISSING
+    max_side: int = MISSING
+    isic2018_share: float = MISSING
 
 
 @dataclass
 class CacheConfig:
-    dir: str = "data/cache"
-    size: int = 224
-    method: str = "bilinear"
-    quality: int = 95
-    workers: int = 4
+    dir: str = MISSING
+    size: int = MISSING  # evaluate_run: 0 means the model's input size
+    method: ResizeMethod = MISSING
+    quality: int = MISSING
+    workers: int = MISSING
 
 
 @dataclass
 class DataConfig:
-    name: str = "isic"
-    root: str = "data/raw/isic"
-    processed_dir: str = "data/processed/isic"
-    releases: list[Release] = field(default_factory=lambda: list(Release))
-    akiec: AkiecPolicy = AkiecPolicy.drop
-    missing: MissingPolicy = MissingPolicy.error
-    verify: VerifyMode = VerifyMode.header
-    split: SplitPolicy = SplitPolicy.grouped
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 42
-    workers: int = 8
+    name: str = MISSING
+    root: str = MISSING
+    processed_dir: str = MISSING
+    releases: list[Release] = MISSING
+    akiec: AkiecPolicy = MISSING
+    missing: MissingPolicy = MISSING
+    verify: VerifyMode = MISSING
+    split: SplitPolicy = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    seed: int = MISSING
+    workers: int = MISSING
     cache: CacheConfig = field(default_factory=CacheConfig)
-    demo: Optional[DemoConfig] = None
+    demo: Optional[DemoConfig] = MISSING  # null for real data
 
 
 @dataclass
@@ -136,158 +281,184 @@ class IngestConfig:
 
 @dataclass
 class HeadConfig:
-    units: list[int] = field(default_factory=lambda: [512, 256])
-    dropout: list[float] = field(default_factory=lambda: [0.4, 0.3])
+    units: list[int] = MISSING
+    dropout: list[float] = MISSING
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mobilenet_v2"
-    alpha: float = 1.0
-    image_size: int = 224
-    weights: Optional[str] = "imagenet"  # imagenet, null, or a local weights file
-    freeze_bn: Optional[bool] = None  # null: true with pretrained weights, false from scratch
-    bn_momentum: Optional[float] = None
-    color_constancy: str = "none"  # none or shades_of_gray (dermascan.color)
-    sog_power: float = 6.0  # the Minkowski norm's p for shades_of_gray
+    backbone: BackboneName = MISSING
+    alpha: float = MISSING
+    image_size: int = MISSING
+    weights: Optional[str] = MISSING  # imagenet, null, or a local weights file
+    freeze_bn: Optional[bool] = MISSING  # null: true with pretrained weights, false from scratch
+    bn_momentum: Optional[float] = MISSING
+    color_constancy: ColorConstancy = MISSING
+    sog_power: float = MISSING  # the Minkowski norm's p for shades_of_gray
     head: HeadConfig = field(default_factory=HeadConfig)
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    mixed_float16 = "mixed_float16"
-    mixed_bfloat16 = "mixed_bfloat16"
-
-
-class Strategy(str, Enum):
-    auto = "auto"
-    none = "none"
-    mirrored = "mirrored"
-    multi_worker = "multi_worker"
 
 
 @dataclass
 class Phase1Config:
-    epochs: int = 5
-    lr: float = 1e-3
+    epochs: int = MISSING
+    lr: float = MISSING
 
 
 @dataclass
 class Phase2Config:
-    epochs: int = 25
-    lr: float = 1e-4
-    warmup_epochs: int = 1
-    min_lr_fraction: float = 0.0  # CosineDecay alpha
-    unfreeze_from: Any = None  # null (all), a layer index, or a layer name
-    freeze_head_bn: Optional[bool] = None  # the head's BatchNorm in inference mode; null: as model.freeze_bn
+    epochs: int = MISSING
+    lr: float = MISSING
+    warmup_epochs: int = MISSING
+    min_lr_fraction: float = MISSING  # CosineDecay alpha
+    unfreeze_from: Any = MISSING  # null (all), a layer index, or a layer name
+    freeze_head_bn: Optional[bool] = MISSING  # the head's BatchNorm in inference mode; null: as model.freeze_bn
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # per replica; the global batch is this times the replicas
+    batch_size: int = MISSING  # per replica; the global batch is this times the replicas
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
-    label_smoothing: float = 0.0
-    class_weight: str = "balanced"
-    sampler: str = "shuffle"  # shuffle, or balanced (each batch draws the classes equally)
-    clipnorm: Optional[float] = None  # Adam's per-variable gradient norm clipping; null: none
-    collapse_share: float = 0.95  # a phase whose val predictions put this share on one class has collapsed
-    monitor: str = "val_balanced_accuracy"
-    monitor_mode: str = "max"
-    patience: int = 5
-    precision: Precision = Precision.auto
-    jit_compile: Any = "auto"
-    strategy: Strategy = Strategy.auto
-    devices: Optional[list[str]] = None  # for mirrored: e.g. [/cpu:0, /cpu:1]
-    deterministic: bool = False
-    shuffle_buffer: int = 4096
-    steps_per_epoch: Optional[int] = None  # null: the whole train split each epoch
-    verbose: int = 2
-
-
-class Tta(str, Enum):
-    none = "none"
-    flips = "flips"
-    flips_rot90 = "flips_rot90"
+    label_smoothing: float = MISSING
+    class_weight: str = MISSING  # balanced or none
+    sampler: str = MISSING  # shuffle, or balanced (each batch draws the classes equally)
+    clipnorm: Optional[float] = MISSING  # Adam's per-variable gradient norm clipping; null: none
+    weight_decay: float = MISSING  # Adam's decoupled weight decay (AdamW); 0: none
+    ema_momentum: Optional[float] = MISSING  # validate and checkpoint an EMA of the weights; null: off
+    collapse_share: float = MISSING  # a phase whose val predictions put this share on one class has collapsed
+    monitor: str = MISSING
+    monitor_mode: str = MISSING
+    patience: int = MISSING
+    precision: Precision = MISSING
+    jit_compile: Any = MISSING  # auto, true or false
+    strategy: Strategy = MISSING
+    devices: Optional[list[str]] = MISSING  # for mirrored: e.g. [/cpu:0, /cpu:1]
+    deterministic: bool = MISSING
+    shuffle_buffer: int = MISSING
+    steps_per_epoch: Optional[int] = MISSING  # null: the whole train split each epoch
+    verbose: int = MISSING
 
 
 @dataclass
 class EvaluateConfig:
-    split: str = "test"
-    batch_size: int = 64
-    tta: Tta = Tta.none
-    temperature_scaling: bool = True
-    min_calibration_images: int = 50
-    bootstrap_resamples: int = 1000
-    calibration_bins: int = 15
+    split: Split = MISSING
+    batch_size: int = MISSING
+    tta: Tta = MISSING
+    temperature_scaling: bool = MISSING
+    min_calibration_images: int = MISSING
+    bootstrap_resamples: int = MISSING
+    calibration_bins: int = MISSING
 
 
 @dataclass
 class ExportConfig:
-    enabled: bool = True
-    tflite: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8_dynamic", "int8_full"])
-    min_agreement: float = 0.99
-    parity_samples: Optional[int] = 500  # null: the whole split
-    parity_split: str = "test"
-    representative_samples: int = 200
-    latency_runs: int = 50
-    coreml: bool = False
+    enabled: bool = MISSING
+    tflite: list[TfliteKind] = MISSING
+    min_agreement: float = MISSING
+    parity_samples: Optional[int] = MISSING  # null: the whole split
+    parity_split: Split = MISSING
+    representative_samples: int = MISSING
+    latency_runs: int = MISSING
+    coreml: bool = MISSING
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    uri: str = "sqlite:///runs/mlflow.db"
-    experiment: str = "dermascan"
-    artifact_location: Optional[str] = None
-    run_name: Optional[str] = None
-    log_model: bool = True
-    register: bool = False
-    model_name: str = "dermascan"
-    timeout_s: int = 10
+    enabled: bool = MISSING
+    uri: str = MISSING
+    experiment: str = MISSING
+    artifact_location: Optional[str] = MISSING
+    run_name: Optional[str] = MISSING
+    log_model: bool = MISSING
+    register: bool = MISSING
+    model_name: str = MISSING
+    timeout_s: int = MISSING
 
 
 @dataclass
 class RunConfig:
-    """``python -m dermascan.train``: every stage's group, plus the run's own keys."""
+    """``python -m dermascan.train``: every stage's group, plus the run's own keys (``configs/train.yaml``)."""
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 42
-    run_dir: str = "???"
+    seed: int = MISSING
+    run_dir: str = MISSING
 
 
 @dataclass
 class ExportRunConfig:
-    """``python -m dermascan.export run_dir=...``."""
+    """``python -m dermascan.export run_dir=...`` (``configs/export_run.yaml``)."""
 
-    run_dir: str = "???"
-    out_dir: Optional[str] = None  # null: <run_dir>/export
-    log_to_mlflow: bool = True
+    run_dir: str = MISSING
+    out_dir: Optional[str] = MISSING  # null: <run_dir>/export
+    log_to_mlflow: bool = MISSING
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
 @dataclass
 class EvaluateRunConfig:
-    """``python -m dermascan.evaluate run_dir=...`` (or export_dir=... manifest=...)."""
+    """``python -m dermascan.evaluate run_dir=...`` (or export_dir=... manifest=...) (``configs/evaluate_run.yaml``)."""
 
-    run_dir: Optional[str] = None
-    export_dir: Optional[str] = None
-    manifest: Optional[str] = None
-    out_dir: Optional[str] = None  # null: <run_dir>/eval/<split>_tta-<tta>
-    cache: CacheConfig = field(default_factory=lambda: CacheConfig(size=0))  # size 0: the model's input size
-    isic2018: bool = False  # export_dir mode: also score ISIC 2018 Test images in the 2018 scheme
-    log_to_mlflow: bool = True
-    new_mlflow_run: bool = False
-    seed: Optional[int] = None  # null: the run's seed (bootstrap CIs)
+    run_dir: Optional[str] = MISSING
+    export_dir: Optional[str] = MISSING
+    manifest: Optional[str] = MISSING
+    out_dir: Optional[str] = MISSING  # null: <run_dir>/eval/<split>_tta-<tta>
+    cache: CacheConfig = field(default_factory=CacheConfig)  # size 0: the model's input size
+    isic2018: bool = MISSING  # export_dir mode: also score ISIC 2018 Test images in the 2018 scheme
+    log_to_mlflow: bool = MISSING
+    new_mlflow_run: bool = MISSING
+    seed: Optional[int] = MISSING  # null: the run's seed (bootstrap CIs)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+@dataclass
+class DownloadSettings:
+    base_url: str = MISSING
+    dest: str = MISSING
+    releases: list[Release] = MISSING
+    files: dict[str, list[str]] = MISSING  # release -> paths relative to base_url
+    sha256: dict[str, Optional[str]] = MISSING
+    sizes: dict[str, Optional[int]] = MISSING
+    timeout_s: float = MISSING
+    retries: int = MISSING
+    backoff_s: float = MISSING
+    chunk_bytes: int = MISSING
+    keep_archives: bool = MISSING
+    progress: bool = MISSING
+
+
+@dataclass
+class DownloadConfig:
+    """``python -m dermascan.download`` (``configs/download.yaml``)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    download: DownloadSettings = field(default_factory=DownloadSettings)
+
+
+@dataclass
+class ServeConfig:
+    """``python -m dermascan.serve`` (``configs/serve.yaml``; on Lambda, DERMASCAN_* variables over it)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    export_dir: str = MISSING
+    runtime: Runtime = MISSING
+    tflite: TfliteKind = MISSING
+    host: str = MISSING
+    port: int = MISSING
+    max_upload_bytes: int = MISSING
+    max_pixels: int = MISSING
+    draft_factor: int = MISSING
+    num_threads: Optional[int] = MISSING
+    max_decoders: Optional[int] = MISSING  # uploads decoded at once; null: one per CPU
+    fail_fast: bool = MISSING  # refuse to start on a bad export; false: start and answer 503
+    log_level: str = MISSING
+    access_log: bool = MISSING
 
 
 def _check_data(data: Any) -> None:
@@ -319,9 +490,6 @@ def _check_data(data: Any) -> None:
     _check_cache(data.cache)
 
 
-FILL_MODES = ("constant", "nearest", "reflect", "wrap")
-
-
 def _check_augment(augment: Any) -> None:
     for key in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range"):
         if augment[key] < 0:
@@ -335,15 +503,9 @@ def _check_augment(augment: Any) -> None:
     brightness = augment.brightness_range
     if brightness is not None and (len(brightness) != 2 or not 0 <= brightness[0] <= brightness[1]):
         raise ConfigError(f"augment.brightness_range must be null or [lo, hi] with 0 <= lo <= hi, got {list(brightness)}")
-    if augment.fill_mode not in FILL_MODES:
-        raise ConfigError(f"augment.fill_mode must be one of {', '.join(FILL_MODES)}, got {augment.fill_mode!r}")
 
 
 def _check_cache(cache: Any) -> None:
-    from dermascan.data.cache import METHODS
-
-    if cache.method not in METHODS:
-        raise ConfigError(f"data.cache.method must be one of {', '.join(METHODS)}, got {cache.method!r}")
     if not 32 <= cache.size <= 4096:
         raise ConfigError(f"data.cache.size must be in [32, 4096], got {cache.size}")
     if not 1 <= cache.quality <= 100:
@@ -371,6 +533,10 @@ def _check_train(train: Any) -> None:
         )
     if train.clipnorm is not None and train.clipnorm <= 0:
         raise ConfigError(f"train.clipnorm must be null or > 0, got {train.clipnorm}")
+    if train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay must be >= 0, got {train.weight_decay}")
+    if train.ema_momentum is not None and not 0.0 < train.ema_momentum < 1.0:
+        raise ConfigError(f"train.ema_momentum must be null or in (0, 1), got {train.ema_momentum}")
     if not 0.0 < train.collapse_share <= 1.0:
         raise ConfigError(f"train.collapse_share must be in (0, 1], got {train.collapse_share}")
     if train.monitor_mode not in ("min", "max"):
@@ -385,10 +551,6 @@ def _check_train(train: Any) -> None:
 
 
 def _check_model(model: Any) -> None:
-    from dermascan.model import BACKBONES
-
-    if model.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {model.backbone!r}")
     if len(model.head.units) != len(model.head.dropout):
         raise ConfigError(
             f"model.head.units and model.head.dropout must have the same length, got "
@@ -396,10 +558,6 @@ def _check_model(model: Any) -> None:
         )
     if any(not 0 <= rate < 1 for rate in model.head.dropout):
         raise ConfigError(f"model.head.dropout rates must be in [0, 1), got {list(model.head.dropout)}")
-    from dermascan.color import COLOR_CONSTANCY
-
-    if model.color_constancy not in COLOR_CONSTANCY:
-        raise ConfigError(f"model.color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got {model.color_constancy!r}")
     if model.sog_power < 1:
         raise ConfigError(f"model.sog_power must be >= 1, got {model.sog_power}")
     if model.image_size < 32:
@@ -407,18 +565,11 @@ def _check_model(model: Any) -> None:
 
 
 def _check_evaluate(evaluate: Any) -> None:
-    if evaluate.split not in ("train", "val", "test"):
-        raise ConfigError(f"evaluate.split must be train, val or test, got {evaluate.split!r}")
     if evaluate.bootstrap_resamples < 0 or evaluate.calibration_bins < 1 or evaluate.batch_size < 1:
         raise ConfigError("evaluate.bootstrap_resamples must be >= 0, calibration_bins and batch_size >= 1")
 
 
 def _check_export(export: Any) -> None:
-    from dermascan.runtime import TFLITE_KINDS
-
-    unknown = [kind for kind in export.tflite if kind not in TFLITE_KINDS]
-    if unknown:
-        raise ConfigError(f"export.tflite: unknown kind(s) {unknown}; choose from {', '.join(TFLITE_KINDS)}")
     if not 0.0 <= export.min_agreement <= 1.0:
         raise ConfigError(f"export.min_agreement must be in [0, 1], got {export.min_agreement}")
     if export.parity_samples is not None and export.parity_samples < 1:
@@ -437,6 +588,11 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         key = getattr(err, "full_key", None) or "?"
         msg = str(err).splitlines()[0]
         raise ConfigError(f"invalid config at '{key}': {msg}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(
+            f"missing config value(s): {', '.join(missing)}; set them on the command line, e.g. {missing[0]}=..."
+        )
     OmegaConf.set_struct(merged, True)
     for name, check in CHECKS.items():
         if name in merged:

@@ -10,7 +10,7 @@ Writes, in the output folder (the run dir by default):
   submission layout), then the true ``label``.
 - ``predictions_isic2018.csv``: the ISIC 2018 Test images in the 2018
   7-class layout (AKIEC = AK + SCC), when the split holds them.
-- ``metrics.json``: every metric of ``dermascan.metrics``, named exactly,
+- ``metrics.json``: every metric of ``dermascan.evaluation.metrics``, named exactly,
   with bootstrap CIs, calibration and the TTA comparison.
 - ``calibration.json``: the temperature fitted on val (export applies it).
 - ``report.md`` and ``plots/``: ROC curves, confusion matrices, reliability diagram.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -31,14 +30,40 @@ import pandas as pd
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from dermascan import cli, plots, tracking
-from dermascan.calibration import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
+from dermascan import cli, tracking
+from dermascan.artifacts import (
+    CALIBRATION,
+    CONFUSION_MATRIX,
+    KERAS_MODEL,
+    METRICS,
+    PLOTS,
+    PREDICTIONS,
+    PREDICTIONS_2018,
+    RELIABILITY,
+    REPORT,
+    ROC_CURVES,
+    eval_dir,
+    read_labels,
+    read_temperature,
+)
 from dermascan.classes import CODES, INDEX
-from dermascan.config import EvaluateConfig, EvaluateRunConfig, config_dir, validate
+from dermascan.config import (
+    EvaluateRunConfig,
+    RunConfig,
+    SplitPolicy,
+    config_dir,
+    validate,
+)
+from dermascan.data.manifest import evaluation_rows
 from dermascan.data.manifest import read as read_manifest
 from dermascan.errors import ConfigError, DataError
-from dermascan.inputs import evaluation_images
-from dermascan.metrics import (
+from dermascan.evaluation import plots
+from dermascan.evaluation.calibration import (
+    TEMPERATURE_BOUNDS,
+    apply_temperature,
+    fit_temperature,
+)
+from dermascan.evaluation.metrics import (
     CODES_2018,
     binary_accuracy,
     bootstrap_ci,
@@ -47,26 +72,15 @@ from dermascan.metrics import (
     reliability_bins,
     to_isic2018,
 )
-from dermascan.report import render_report
+from dermascan.evaluation.report import render_report
+from dermascan.modeling.fit import load_keras
+from dermascan.modeling.inputs import evaluation_images
 from dermascan.rundir import load_run
-from dermascan.runtime import KERAS_MODEL, read_labels
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.evaluate")
 
-CALIBRATION = "calibration.json"
-METRICS = "metrics.json"
-PREDICTIONS = "predictions.csv"
-PREDICTIONS_2018 = "predictions_isic2018.csv"
-REPORT = "report.md"
 
 Transform = Callable[[tf.Tensor], tf.Tensor]
-
-
-@dataclass
-class EvaluateOnly:
-    """A training run's saved ``evaluate`` section, validated on its own."""
-
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _flip_h(x: tf.Tensor) -> tf.Tensor:
@@ -84,17 +98,6 @@ TTA: dict[str, list[Transform]] = {
     # the eight symmetries of the square: four rotations, each with and without a horizontal flip
     "flips_rot90": [f for k in range(4) for f in (_rot90(k), lambda x, k=k: _rot90(k)(_flip_h(x)))],
 }
-
-
-def enum_value(value: Any) -> Any:
-    """A config enum's plain value (``Tta.flips`` -> ``"flips"``)."""
-    return getattr(value, "value", value)
-
-
-def evaluation_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
-    """The rows of ``split`` that can be scored: an 8-class label, or an ISIC 2018 label (official test AKIEC)."""
-    rows = manifest[manifest["split"] == split]
-    return rows[rows["label"].notna() | rows["label_2018"].notna()].reset_index(drop=True)
 
 
 def predict(
@@ -142,11 +145,6 @@ def write_predictions(frame: pd.DataFrame, probabilities: np.ndarray, path: Path
     return path
 
 
-def read_temperature(run_dir: Path) -> Optional[float]:
-    path = Path(run_dir) / CALIBRATION
-    return json.loads(path.read_text())["temperature"] if path.is_file() else None
-
-
 def choose_temperature(probabilities: np.ndarray, labels: pd.Series, min_images: int) -> tuple[Optional[float], str]:
     """Fit a temperature on val; return (T or None, why). None when it cannot be trusted.
 
@@ -190,7 +188,7 @@ def evaluate(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    split, tta = cfg.split, enum_value(cfg.tta)
+    split, tta = cfg.split, cfg.tta
     val_rows = evaluation_rows(manifest, "val")
     val_rows = val_rows[val_rows["label"].notna()].reset_index(drop=True)
     rows = evaluation_rows(manifest, split)
@@ -245,18 +243,18 @@ def evaluate(
 
     labelled = rows["label"].notna().to_numpy()
     truth = rows.loc[labelled, "label"].map(INDEX).to_numpy()
-    plot_dir = out_dir / "plots"
-    plots.roc_curves(truth, headline[labelled], plot_dir / "roc_curves.png")
-    plots.confusion_matrix_plot(np.array(result[split]["confusion_matrix"]), plot_dir / "confusion_matrix.png")
+    plot_dir = out_dir / PLOTS
+    plots.roc_curves(truth, headline[labelled], plot_dir / ROC_CURVES)
+    plots.confusion_matrix_plot(np.array(result[split]["confusion_matrix"]), plot_dir / CONFUSION_MATRIX)
     bins = reliability_bins(truth, headline[labelled], cfg.calibration_bins)
     ece = result[split]["expected_calibration_error"]
     if headline_temperature is None:
-        plots.reliability_diagram(bins, plot_dir / "reliability.png", ece=ece)
+        plots.reliability_diagram(bins, plot_dir / RELIABILITY, ece=ece)
     else:
         before = expected_calibration_error(truth, raw[labelled], cfg.calibration_bins)
         result[split]["expected_calibration_error_before_temperature"] = before
         plots.reliability_diagram(
-            reliability_bins(truth, raw[labelled], cfg.calibration_bins), plot_dir / "reliability.png", ece=before,
+            reliability_bins(truth, raw[labelled], cfg.calibration_bins), plot_dir / RELIABILITY, ece=before,
             calibrated_bins=bins, calibrated_ece=ece,
         )
 
@@ -285,17 +283,17 @@ def evaluate_main_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[s
     """Re-evaluate a finished run (``run_dir``), or an exported model on a manifest (``export_dir`` + ``manifest``)."""
     if cfg.run_dir:
         run = load_run(cfg.run_dir)
-        settings = validate(OmegaConf.create({"evaluate": run.cfg.evaluate}), EvaluateOnly).evaluate
-        settings = OmegaConf.merge(settings, OmegaConf.from_dotlist(overridden(overrides, "evaluate")).get("evaluate", {}))
+        changed = OmegaConf.merge(OmegaConf.to_container(run.cfg), OmegaConf.from_dotlist(overridden(overrides, "evaluate")))
+        settings = validate(changed, RunConfig).evaluate
         model, manifest, image_size, cache = run.model(), run.manifest, int(run.cfg.model.image_size), run.cache
         temperature = read_temperature(run.run_dir) if settings.temperature_scaling else None
         seed = run.cfg.seed if cfg.seed is None else cfg.seed
-        isic2018 = enum_value(run.cfg.data.split) == "official"
-        out_dir = Path(cfg.out_dir) if cfg.out_dir else run.run_dir / "eval" / f"{settings.split}_tta-{enum_value(settings.tta)}"
+        isic2018 = run.cfg.data.split == SplitPolicy.official
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else eval_dir(run.run_dir, settings.split, settings.tta)
     elif cfg.export_dir and cfg.manifest and cfg.out_dir:
         run, settings = None, cfg.evaluate
         labels = read_labels(Path(cfg.export_dir))
-        model = keras.models.load_model(Path(cfg.export_dir) / KERAS_MODEL)
+        model = load_keras(Path(cfg.export_dir) / KERAS_MODEL)
         manifest, image_size = read_manifest(Path(cfg.manifest)), int(labels["input"]["size"][0])
         cache = OmegaConf.to_container(cfg.cache, resolve=True)
         cache["size"] = cache["size"] or image_size  # resize once, to the model's size, as training did
@@ -311,27 +309,13 @@ def evaluate_main_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[s
     result = evaluate(model, manifest, settings, image_size, cache, out_dir, seed=seed, temperature=temperature,
                       isic2018=isic2018)
     if run is not None and cfg.log_to_mlflow:
-        tag = f"{settings.split}_tta-{enum_value(settings.tta)}"
+        tag = f"{settings.split}_tta-{settings.tta}"
         with tracking.run(run.cfg, run.run_dir, run.run_dir.name, stage="evaluate", new=cfg.new_mlflow_run) as run_id:
             if run_id is not None:
-                tracking.log_metrics(flat_metrics(result[settings.split]), prefix=f"eval_{tag}_")
+                tracking.log_metrics(tracking.flat_metrics(result[settings.split]), prefix=f"eval_{tag}_")
                 tracking.log_artifacts([out_dir], artifact_path=f"eval/{tag}")
     log.info("wrote %s", out_dir / REPORT)
     return result
-
-
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics, CI bounds and per-class figures of one split, as MLflow metric names."""
-    flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    for name, interval in (metrics.get("ci") or {}).items():
-        for side in ("low", "high"):
-            if interval.get(side) is not None:
-                flat[f"{name}_ci_{side}"] = interval[side]
-    for code, per_class in metrics.get("per_class", {}).items():
-        for key in ("auc", "sensitivity", "specificity"):
-            if per_class.get(key) is not None:
-                flat[f"{code}_{key}"] = per_class[key]
-    return flat
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate_run")

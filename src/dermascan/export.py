@@ -38,60 +38,39 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from dermascan import __version__, cli
-from dermascan.augment import IDGAugmentation
-from dermascan.checksums import MANIFEST, ManifestError, verify_manifest, write_manifest  # noqa: F401  (re-exported)
-from dermascan.classes import CLASSES, DISCLAIMER, INDEX
-from dermascan.config import ExportRunConfig, config_dir
-from dermascan.errors import DermascanError
-from dermascan.metrics import classification_metrics
-from dermascan.model import LOGITS_LAYER
-from dermascan.rundir import Run, load_images, load_run, sample_rows
-from dermascan.runtime import (
+from dermascan.artifacts import (
+    CARD,
+    CHECKSUMS,
+    COREML,
+    EXPORT,
     KERAS_MODEL,
     LABELS,
+    METRICS,
+    PARITY,
     SAVED_MODEL,
+    read_json,
+    read_temperature,
+    tflite_name,
+)
+from dermascan.checksums import write_manifest
+from dermascan.classes import CLASSES, DISCLAIMER, INDEX
+from dermascan.config import ExportRunConfig, config_dir
+from dermascan.data.manifest import evaluation_rows
+from dermascan.errors import DermascanError
+from dermascan.evaluation.metrics import classification_metrics
+from dermascan.modeling.model import inference_model
+from dermascan.rundir import Run, load_images, load_run, sample_rows
+from dermascan.runtime import (
     TFLITE_KINDS,
     keras_predictor,
     savedmodel_predictor,
-    tflite_name,
     tflite_predictor,
 )
 
-log = logging.getLogger(__name__)
-
-PARITY = "parity.json"
-CARD = "model_card.md"
-
+log = logging.getLogger("dermascan.export")
 
 class ExportError(DermascanError):
     """An export could not be written, or failed its parity check."""
-
-
-def inference_model(model: keras.Model, temperature: Optional[float] = None) -> keras.Model:
-    """A copy of the model for serving: uncompiled, without training-only layers, with the temperature built in.
-
-    softmax(z / T) is folded into the output layer by dividing its kernel and
-    bias by T, so no temperature layer is needed: the exported model holds
-    standard Keras layers only, except ``ShadesOfGray`` when the model
-    normalises colour (loading that ``model.keras`` needs ``import
-    dermascan.color``; the SavedModel and TFLite files need nothing). The
-    argmax, and so the top-1 prediction, cannot change.
-    """
-    inputs = model.inputs[0]
-    if any(isinstance(layer, IDGAugmentation) for layer in model.layers):
-        x = inputs
-        for layer in model.layers[1:]:
-            if not isinstance(layer, IDGAugmentation):
-                x = layer(x)
-    else:
-        x = model.outputs[0]
-    serving = keras.Model(inputs, x, name=model.name)
-    copy = keras.models.clone_model(serving)
-    copy.set_weights(serving.get_weights())
-    if temperature is not None and temperature != 1.0:
-        logits = copy.get_layer(LOGITS_LAYER)
-        logits.set_weights([w / temperature for w in logits.get_weights()])
-    return copy
 
 
 def labels_json(image_size: int, resize_method: str = "bilinear", temperature: Optional[float] = None,
@@ -224,8 +203,8 @@ def export_model(
     if "int8_full" in tflite and (representative is None or not len(representative)):
         raise ExportError("export.tflite int8_full needs representative images (from the train split)")
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / MANIFEST).is_file():
-            raise ExportError(f"{out_dir} exists and is not an export folder (no {MANIFEST}); refusing to replace it")
+        if not (out_dir / CHECKSUMS).is_file():
+            raise ExportError(f"{out_dir} exists and is not an export folder (no {CHECKSUMS}); refusing to replace it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     serving = inference_model(model, temperature)
@@ -307,11 +286,10 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
     calibrated on a sample of the train split; the temperature comes from
     the run's calibration.json; the model card from its summary and metrics.
     """
-    from dermascan.card import model_card
-    from dermascan.evaluate import CALIBRATION, METRICS, evaluation_rows
+    from dermascan.evaluation.card import model_card
 
     run_dir = run.run_dir
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT
     image_size = int(run.cfg.model.image_size)
     seed = int(run.cfg.get("seed", 0))
     parity_rows = evaluation_rows(run.manifest, cfg.parity_split)
@@ -321,10 +299,9 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
     if "int8_full" in cfg.tflite:
         train_rows = run.manifest[(run.manifest["split"] == "train") & run.manifest["label"].notna()]
         representative = load_images(sample_rows(train_rows, cfg.representative_samples, seed), image_size, run.cache)
-    calibration = run_dir / CALIBRATION
-    temperature = json.loads(calibration.read_text())["temperature"] if calibration.is_file() else None
-    if metrics is None and (run_dir / METRICS).is_file():
-        metrics = json.loads((run_dir / METRICS).read_text())
+    temperature = read_temperature(run_dir)
+    if metrics is None:
+        metrics = read_json(run_dir / METRICS)
     version = f"{__version__}+{run_dir.name}"
     plain_cfg = OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True)
     log.info(
@@ -356,7 +333,7 @@ def write_coreml(out_dir: Path, image_size: int) -> Path:
     spec = tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
     function = tf.function(lambda images: model(images, training=False)).get_concrete_function(spec)
     converted = ct.convert([function], source="tensorflow", inputs=[ct.TensorType(shape=(1, image_size, image_size, 3))])
-    target = out_dir / "model.mlpackage"
+    target = out_dir / COREML
     converted.save(str(target))
     write_manifest(out_dir)
     log.info("wrote %s (converted only: Core ML cannot run on Linux)", target)
@@ -366,20 +343,20 @@ def write_coreml(out_dir: Path, image_size: int) -> Path:
 def export_main_task(cfg: DictConfig) -> dict[str, Any]:
     run = load_run(cfg.run_dir)
     report = export_run(run, run.model(), cfg.export, Path(cfg.out_dir) if cfg.out_dir else None)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else run.run_dir / "export"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run.run_dir / EXPORT
     if cfg.log_to_mlflow:
         from dermascan import tracking
 
         with tracking.run(run.cfg, run.run_dir, run.run_dir.name, stage="export") as run_id:
             if run_id is not None:
-                tracking.log_artifacts([out_dir], artifact_path="export")
+                tracking.log_artifacts([out_dir], artifact_path=EXPORT)
                 served = keras.models.load_model(out_dir / KERAS_MODEL, compile=False)
                 example = np.zeros((1, *served.input_shape[1:]), np.float32)
                 tracking.log_model(served, example, run.cfg.tracking)  # registers it with tracking.register=true
     for name, result in report["formats"].items():
         log.info("%-20s top-1 agreement %.4f  max |diff| %.2g  %s", name, result["top1_agreement"],
                  result["max_abs_diff"], f"{result['latency_ms']} ms" if result.get("latency_ms") else "")
-    log.info("wrote %s (checked by %s)", out_dir, MANIFEST)
+    log.info("wrote %s (checked by %s)", out_dir, CHECKSUMS)
     return report
 
 

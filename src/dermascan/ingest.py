@@ -37,7 +37,7 @@ from dermascan.data.merge import merge_labels
 from dermascan.data.split import grouped_split
 from dermascan.errors import DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.ingest")
 
 MISSING_SHOWN = 5
 

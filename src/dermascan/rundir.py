@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -15,12 +16,14 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from dermascan.artifacts import BEST, CONFIG, MANIFEST, MANIFEST_SUMMARY, read_json
+from dermascan.config import load_saved_run_config
 from dermascan.data import manifest as manifest_io
 from dermascan.errors import DataError
-from dermascan.fit import BEST
-from dermascan.inputs import evaluation_images
+from dermascan.modeling.fit import load_keras
+from dermascan.modeling.inputs import evaluation_images
 
-CONFIG = "config.yaml"
+log = logging.getLogger("dermascan.rundir")
 
 
 @dataclass
@@ -35,27 +38,26 @@ class Run:
 
     @property
     def summary(self) -> dict[str, Any]:
-        import json
-
-        path = self.run_dir / manifest_io.SUMMARY
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(self.run_dir / MANIFEST_SUMMARY, {})
 
     def model(self) -> keras.Model:
         """The best checkpoint (what train evaluated and exported)."""
-        return keras.models.load_model(self.run_dir / BEST)
+        return load_keras(self.run_dir / BEST)
 
 
 def load_run(run_dir: str | Path) -> Run:
     """Read a finished ``python -m dermascan.train`` run dir; DataError naming what is missing."""
     run_dir = Path(run_dir)
-    missing = [name for name in (CONFIG, manifest_io.MANIFEST, BEST) if not (run_dir / name).is_file()]
+    missing = [name for name in (CONFIG, MANIFEST, BEST) if not (run_dir / name).is_file()]
     if missing:
         raise DataError(
             f"{run_dir} is not a finished training run: {', '.join(missing)} missing. "
             "Give the run dir of a python -m dermascan.train run (runs/train/<timestamp>)."
         )
-    cfg = OmegaConf.load(run_dir / CONFIG)
-    return Run(run_dir, cfg, manifest_io.read(run_dir / manifest_io.MANIFEST))
+    cfg, filled = load_saved_run_config(run_dir / CONFIG)
+    if filled:
+        log.info("%s predates config key(s) %s: they take the base configs' values", run_dir, ", ".join(filled))
+    return Run(run_dir, cfg, manifest_io.read(run_dir / MANIFEST))
 
 
 def load_images(frame: pd.DataFrame, image_size: int, cache: dict[str, Any], batch_size: int = 64) -> np.ndarray:

@@ -12,37 +12,24 @@ way). TFLite models run on ``ai_edge_litert``, the maintained successor of
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from dermascan.artifacts import KERAS_MODEL, SAVED_MODEL, tflite_name
+from dermascan.config import Runtime, TfliteKind
 from dermascan.errors import DermascanError
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
-SAVED_MODEL = "saved_model"
-KERAS_MODEL = "model.keras"
-LABELS = "labels.json"
-TFLITE_KINDS = ("fp32", "fp16", "int8_dynamic", "int8_full")
-RUNTIMES = ("savedmodel", "tflite", "keras")
+TFLITE_KINDS = tuple(TfliteKind)
+RUNTIMES = tuple(Runtime)
 
 
 class RuntimeLoadError(DermascanError):
     """The exported model is missing or cannot be loaded."""
-
-
-def tflite_name(kind: str) -> str:
-    return f"model_{kind}.tflite"
-
-
-def read_labels(export_dir: Path) -> dict:
-    path = Path(export_dir) / LABELS
-    if not path.is_file():
-        raise RuntimeLoadError(f"{path} not found: is {export_dir} an export folder (python -m dermascan.export)?")
-    return json.loads(path.read_text())
 
 
 def tflite_predictor(model: Path | bytes, num_threads: Optional[int] = None, batch_size: int = 32) -> Predictor:
@@ -108,7 +95,7 @@ def savedmodel_predictor(path: Path) -> Predictor:
 def keras_predictor(path: Path) -> Predictor:
     import keras
 
-    import dermascan.color  # noqa: F401  registers ShadesOfGray, which a colour-normalising model.keras holds
+    import dermascan.modeling.color  # noqa: F401  registers ShadesOfGray, which a colour-normalising model.keras holds
 
     model = keras.models.load_model(path, compile=False)
 

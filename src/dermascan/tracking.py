@@ -28,10 +28,22 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from dermascan import __version__
+from dermascan.artifacts import (
+    CALIBRATION,
+    CLASS_WEIGHTS,
+    CONFIG,
+    EXPORT,
+    HISTORY,
+    MANIFEST_SUMMARY,
+    METRICS,
+    MLFLOW_RUN_ID,
+    PLOTS,
+    REPORT,
+    SUMMARY,
+)
 from dermascan.errors import DermascanError
 
-log = logging.getLogger(__name__)
-RUN_ID_FILE = "mlflow_run_id.txt"
+log = logging.getLogger("dermascan.tracking")
 MAX_PARAM_LENGTH = 6000
 
 
@@ -99,7 +111,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str, stage: str = "train", new
         experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
-    id_file = run_dir / RUN_ID_FILE
+    id_file = run_dir / MLFLOW_RUN_ID
     resume_id = id_file.read_text().strip() if id_file.is_file() and not new else None
     with mlflow.start_run(run_id=resume_id, experiment_id=None if resume_id else experiment_id, run_name=run_name) as active:
         if not new:
@@ -163,3 +175,40 @@ def log_model(model: keras.Model, example: np.ndarray, tracking: DictConfig) -> 
     if version is not None:
         log.info("registered model %s version %s", tracking.model_name, version)
     return None if version is None else str(version)
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics, CI bounds and per-class figures of one split, as MLflow metric names."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    for name, interval in (metrics.get("ci") or {}).items():
+        for side in ("low", "high"):
+            if interval.get(side) is not None:
+                flat[f"{name}_ci_{side}"] = interval[side]
+    for code, per_class in metrics.get("per_class", {}).items():
+        for key in ("auc", "sensitivity", "specificity"):
+            if per_class.get(key) is not None:
+                flat[f"{code}_{key}"] = per_class[key]
+    return flat
+
+
+def log_finished_run(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], served: keras.Model) -> Optional[str]:
+    """Log a finished training run dir to the active MLflow run; return the registered model version, if any.
+
+    The final val and test metrics (``summary`` as train wrote it to
+    summary.json), the config (and Hydra's), every result file, the plots,
+    the export folder, and ``served``: the model as served, with the
+    temperature folded in.
+    """
+    if mlflow.active_run() is None:
+        return None
+    for split in ("val", cfg.evaluate.split):
+        if summary.get(split) is not None:
+            log_metrics(flat_metrics(summary[split]), prefix=f"final_{split}_")
+    log_artifacts([run_dir / CONFIG], artifact_path="config")
+    log_artifacts([run_dir / ".hydra"], artifact_path="config/hydra")
+    files = (MANIFEST_SUMMARY, CLASS_WEIGHTS, HISTORY, METRICS, REPORT, CALIBRATION, SUMMARY)
+    log_artifacts([run_dir / name for name in files] + sorted(run_dir.glob("predictions*.csv")))
+    log_artifacts([run_dir / PLOTS], artifact_path=PLOTS)
+    log_artifacts([run_dir / EXPORT], artifact_path=EXPORT)
+    size = int(cfg.model.image_size)
+    return log_model(served, np.zeros((1, size, size, 3), np.float32), cfg.tracking)

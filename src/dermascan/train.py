@@ -16,44 +16,57 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import hydra
 import keras
-import numpy as np
 import pandas as pd
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from dermascan import cli, tracking
-from dermascan.augment import AugmentParams, IDGAugmentation, resolve_device
-from dermascan.class_weights import (
+from dermascan.artifacts import (
+    BEST,
+    CLASS_WEIGHTS,
+    CONFIG,
+    EXPORT,
+    HISTORY,
+    MANIFEST,
+    MANIFEST_SUMMARY,
+    METRICS,
+    PLOTS,
+    PREDICTIONS,
+    REPORT,
+    SUMMARY,
+    TRAINING_CURVES,
+    read_history,
+)
+from dermascan.config import Engine, RunConfig, SplitPolicy, config_dir
+from dermascan.data.cache import cached_paths
+from dermascan.errors import ConfigError
+from dermascan.evaluate import evaluate
+from dermascan.evaluation.plots import training_curves
+from dermascan.export import ExportError, export_run
+from dermascan.ingest import ingest
+from dermascan.modeling.augment import AugmentParams, IDGAugmentation, resolve_device
+from dermascan.modeling.class_weights import (
     class_weights,
     format_table,
     keras_class_weight,
     save,
 )
-from dermascan.config import RunConfig, config_dir
-from dermascan.data.cache import cached_paths
-from dermascan.data.manifest import MANIFEST
-from dermascan.data.manifest import SUMMARY as MANIFEST_SUMMARY
-from dermascan.errors import ConfigError
-from dermascan.evaluate import (
-    CALIBRATION,
-    METRICS,
-    PREDICTIONS,
-    REPORT,
-    evaluate,
-    flat_metrics,
+from dermascan.modeling.fit import (
+    FitInputs,
+    Fitting,
+    load_keras,
+    review_phases,
+    run_phases,
+    steps_for,
 )
-from dermascan.export import ExportError, export_run, inference_model
-from dermascan.fit import BEST, HISTORY, read_history, review_phases, run_phases, steps_for
-from dermascan.ingest import ingest
-from dermascan.inputs import PipelineSpec, make_inputs, naming_broken_files
-from dermascan.model import build_model
-from dermascan.plots import training_curves
+from dermascan.modeling.inputs import PipelineSpec, make_inputs, naming_broken_files
+from dermascan.modeling.model import build_model, inference_model
 from dermascan.rundir import Run
 
 log = logging.getLogger("dermascan.train")
@@ -61,7 +74,7 @@ log = logging.getLogger("dermascan.train")
 
 def select_strategy(train_cfg: DictConfig) -> tf.distribute.Strategy:
     """``train.strategy``: auto (mirrored on several GPUs), none, mirrored, multi_worker."""
-    name = train_cfg.strategy.value
+    name = train_cfg.strategy
     if name == "auto":
         name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
     if name == "none":
@@ -83,7 +96,7 @@ def select_strategy(train_cfg: DictConfig) -> tf.distribute.Strategy:
 
 
 def select_precision(train_cfg: DictConfig) -> str:
-    policy = train_cfg.precision.value
+    policy = str(train_cfg.precision)
     if policy == "auto":
         policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
     return policy
@@ -113,162 +126,180 @@ def run_name(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Run the whole job on a validated config; return (metrics, artifacts)."""
+    """Run the whole job on a validated config; return (summary, artifacts)."""
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, run_dir / CONFIG, resolve=True)
     tracking.check_store(cfg.tracking)
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = select_strategy(cfg.train)
-    replicas = strategy.num_replicas_in_sync
     policy = select_precision(cfg.train)
     keras.mixed_precision.set_global_policy(policy)
     try:
-        return _train(cfg, run_dir, strategy, replicas, policy, started, callbacks)
+        data = prepare_data(cfg, run_dir)
+        pipelines = prepare_pipelines(cfg, data, strategy.num_replicas_in_sync, policy)
+        with tracking.run(cfg, run_dir, run_name(cfg, run_dir)) as run_id:
+            fitting = prepare_fitting(cfg, run_dir, strategy, data, pipelines, callbacks, tracked=run_id is not None)
+            with strategy.scope(), naming_broken_files(data.cached_paths(cfg)):
+                state = run_phases(fitting)
+            summary, failure = _evaluate_and_export(cfg, run_dir, data, fitting.model, state, started)
+        if failure is not None:
+            raise failure
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    test = summary[cfg.evaluate.split]
+    log.info(
+        "done in %.0f s: %s balanced accuracy %.3f (top-1 accuracy %.3f) after %d + %d epochs; run dir %s",
+        summary["seconds"], cfg.evaluate.split, test["balanced_accuracy"], test["top1_accuracy"],
+        state["phase1_epochs"], state["phase2_epochs"], run_dir,
+    )
+    return summary, {name: run_dir / path for name, path in RESULT_FILES.items() if (run_dir / path).exists()}
 
 
-def _train(cfg, run_dir, strategy, replicas, policy, started, extra_callbacks):
+# What train returns as its artifacts: name -> path in the run dir.
+RESULT_FILES = {
+    "history": HISTORY, "training_curves": f"{PLOTS}/{TRAINING_CURVES}", "checkpoint": BEST, "metrics": METRICS,
+    "report": REPORT, "predictions": PREDICTIONS, "export": EXPORT, "summary": SUMMARY,
+}
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The ingested manifest, its labelled train and val rows, and the class weights."""
+
+    manifest: pd.DataFrame
+    train_rows: pd.DataFrame
+    val_rows: pd.DataFrame
+    weights: dict[str, float]
+
+    def cached_paths(self, cfg: DictConfig) -> list[str]:
+        cache = cfg.data.cache
+        frame = pd.concat([self.train_rows, self.val_rows])
+        return [str(p) for p in cached_paths(frame["image_id"], cache.dir, cache.size, cache.method)]
+
+
+def prepare_data(cfg: DictConfig, run_dir: Path) -> RunData:
+    """Ingest, copy the manifest into the run dir (re-evaluation, export and the notebook read it), weigh the classes."""
     ingested = ingest(cfg)
     manifest = ingested.manifest
-    # The run dir keeps its own copy: re-evaluation, export and the notebook read it, not data/processed.
     shutil.copyfile(ingested.manifest_path, run_dir / MANIFEST)
     shutil.copyfile(ingested.summary_path, run_dir / MANIFEST_SUMMARY)
-    train_rows = manifest[(manifest["split"] == "train") & manifest["label"].notna()]
-    val_rows = manifest[(manifest["split"] == "val") & manifest["label"].notna()]
-
+    labelled = manifest["label"].notna()
+    train_rows = manifest[(manifest["split"] == "train") & labelled]
+    val_rows = manifest[(manifest["split"] == "val") & labelled]
     weights = class_weights(train_rows["label"], cfg.train.class_weight)
-    save(weights, train_rows["label"], run_dir / "class_weights.json", cfg.train.class_weight)
+    save(weights, train_rows["label"], run_dir / CLASS_WEIGHTS, cfg.train.class_weight)
     log.info("class weights (%s):\n%s", cfg.train.class_weight, format_table(weights, train_rows["label"]))
+    return RunData(manifest, train_rows, val_rows, weights)
 
+
+@dataclass(frozen=True)
+class Pipelines:
+    inputs: FitInputs
+    augment_in_model: bool  # the fast engine's transforms run in the model (on the accelerator)
+
+
+def prepare_pipelines(cfg: DictConfig, data: RunData, replicas: int, policy: str) -> Pipelines:
+    """The train and val tf.data pipelines, and whether augmentation runs in them or in the model."""
     params = AugmentParams.from_config(cfg.augment)
-    device = resolve_device(cfg.augment.device.value)
-    on_accelerator = cfg.augment.engine.value == "fast" and device == "accelerator"
+    on_accelerator = cfg.augment.engine == Engine.fast and resolve_device(cfg.augment.device) == "accelerator"
     global_batch = cfg.train.batch_size * replicas
     cache = OmegaConf.to_container(cfg.data.cache, resolve=True)
     spec = PipelineSpec(
         image_size=cfg.model.image_size,
         batch_size=global_batch,
-        engine=cfg.augment.engine.value,
+        engine=cfg.augment.engine,
         augment_in_pipeline=not on_accelerator,
         shuffle_buffer=cfg.train.shuffle_buffer,
         sampler=cfg.train.sampler,
         seed=cfg.seed,
         deterministic=True,
     )
-    train_data = make_inputs(train_rows, spec, params, training=True, cache=cache)
+    train_rows, val_rows = data.train_rows, data.val_rows
     val_spec = replace(spec, batch_size=first_batch_splits_evenly(len(val_rows), global_batch, replicas))
-    val_data = make_inputs(val_rows, val_spec, params, training=False, cache=cache)
     steps = steps_for(len(train_rows), global_batch, cfg.train.steps_per_epoch)
     log.info(
         "training on %d images (%d val), %d replica(s) x batch %d = %d, %d steps/epoch, precision %s, "
         "augmentation %s engine on %s",
         len(train_rows), len(val_rows), replicas, cfg.train.batch_size, global_batch, steps, policy,
-        cfg.augment.engine.value, "the model (accelerator)" if on_accelerator else "the CPU pipeline",
+        cfg.augment.engine, "the model (accelerator)" if on_accelerator else "the CPU pipeline",
     )
+    inputs = FitInputs(
+        train=make_inputs(train_rows, spec, params, training=True, cache=cache),
+        val=make_inputs(val_rows, val_spec, params, training=False, cache=cache),
+        steps_per_epoch=steps,
+        class_weight=keras_class_weight(data.weights),
+    )
+    return Pipelines(inputs, augment_in_model=on_accelerator)
 
-    freeze_bn = cfg.model.freeze_bn if cfg.model.freeze_bn is not None else cfg.model.weights is not None
+
+def prepare_fitting(
+    cfg: DictConfig, run_dir: Path, strategy: tf.distribute.Strategy, data: RunData, pipelines: Pipelines,
+    callbacks: Sequence[keras.callbacks.Callback], tracked: bool,
+) -> Fitting:
+    """The model (built in the strategy's scope) and everything run_phases needs."""
+    model_cfg = cfg.model
+    freeze_bn = model_cfg.freeze_bn if model_cfg.freeze_bn is not None else model_cfg.weights is not None
+    augmentation = IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if pipelines.augment_in_model else None
     with strategy.scope():
         model, base = build_model(
-            backbone=cfg.model.backbone,
-            image_size=cfg.model.image_size,
-            weights=cfg.model.weights,
-            alpha=cfg.model.alpha,
-            units=list(cfg.model.head.units),
-            dropout=list(cfg.model.head.dropout),
-            augmentation=IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if on_accelerator else None,
-            freeze_bn=freeze_bn,
-            bn_momentum=cfg.model.bn_momentum,
-            color_constancy=cfg.model.color_constancy,
-            sog_power=cfg.model.sog_power,
+            backbone=model_cfg.backbone, image_size=model_cfg.image_size, weights=model_cfg.weights,
+            alpha=model_cfg.alpha, units=list(model_cfg.head.units), dropout=list(model_cfg.head.dropout),
+            augmentation=augmentation, freeze_bn=freeze_bn, bn_momentum=model_cfg.bn_momentum,
+            color_constancy=model_cfg.color_constancy, sog_power=model_cfg.sog_power,
         )
     jit = cfg.train.jit_compile
     if jit == "auto":  # XLA pays off on a GPU; on a CPU its compile time dominates short runs
         jit = bool(tf.config.list_physical_devices("GPU"))
+    epoch_metrics = [tracking.EpochMetrics()] if tracked else []
+    return Fitting(model, base, pipelines.inputs, cfg.train, run_dir, jit_compile=jit, freeze_bn=freeze_bn,
+                   callbacks=[*epoch_metrics, *callbacks])
 
-    name = run_name(cfg, run_dir)
-    artifacts: dict[str, Path] = {}
-    with tracking.run(cfg, run_dir, name) as run_id:
-        callbacks = [tracking.EpochMetrics()] if run_id is not None else []
-        callbacks += list(extra_callbacks)
-        cached = cached_paths(
-            pd.concat([train_rows, val_rows])["image_id"], cache["dir"], cache["size"], cache["method"]
-        )
-        with strategy.scope(), naming_broken_files([str(p) for p in cached]):
-            state = run_phases(
-                model, base, train_data, val_data, cfg.train, run_dir, steps,
-                keras_class_weight(weights), jit, freeze_bn, callbacks,
-            )
-        history = read_history(run_dir)
-        artifacts["history"] = run_dir / HISTORY
-        review = review_phases(history, cfg.train.monitor, cfg.train.monitor_mode, cfg.train.collapse_share)
-        for warning in review["warnings"]:
-            log.warning("%s", warning)
-        if run_id is not None:
-            tracking.log_review(review)
-        artifacts["training_curves"] = training_curves(history, run_dir / "plots" / "training_curves.png", state["phase1_epochs"])
 
-        best_path = run_dir / BEST
-        best = keras.models.load_model(best_path) if best_path.is_file() else model
-        artifacts["checkpoint"] = best_path
-        evaluation = evaluate(
-            best, manifest, cfg.evaluate, cfg.model.image_size, cache, run_dir, seed=cfg.seed,
-            isic2018=cfg.data.split.value == "official", training=review,
-        )
-        metrics = {"val": evaluation.get("val"), cfg.evaluate.split: evaluation[cfg.evaluate.split]}
-        artifacts["metrics"] = run_dir / METRICS
-        artifacts["report"] = run_dir / REPORT
-        artifacts["predictions"] = run_dir / PREDICTIONS
-        failure = None
-        if cfg.export.enabled:
-            try:
-                export_run(Run(run_dir, cfg, manifest), best, cfg.export, metrics=evaluation)
-            except ExportError as err:  # log the training, metrics and parity.json first, then fail
-                failure = err
-            artifacts["export"] = run_dir / "export"
-        metrics["epochs"] = {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]}
-        metrics["training"] = review
-        metrics["seconds"] = round(time.perf_counter() - started, 1)
-        summary = run_dir / "summary.json"
-        summary.write_text(json.dumps(metrics, indent=2))
-        artifacts["summary"] = summary
+def _evaluate_and_export(
+    cfg: DictConfig, run_dir: Path, data: RunData, model: keras.Model, state: dict[str, Any], started: float
+) -> tuple[dict[str, Any], Optional[ExportError]]:
+    """Review the phases, evaluate the best checkpoint, export it, write summary.json and log it all to MLflow.
 
-        if run_id is not None:
-            for split_name in ("val", cfg.evaluate.split):
-                if metrics[split_name] is not None:
-                    tracking.log_metrics(flat_metrics(metrics[split_name]), prefix=f"final_{split_name}_")
-            tracking.log_artifacts([run_dir / "config.yaml"], artifact_path="config")
-            hydra_dir = run_dir / ".hydra"
-            if hydra_dir.is_dir():
-                tracking.log_artifacts([hydra_dir], artifact_path="config/hydra")
-            tracking.log_artifacts(
-                [run_dir / MANIFEST_SUMMARY, run_dir / "class_weights.json", run_dir / HISTORY, run_dir / METRICS,
-                 run_dir / REPORT, run_dir / CALIBRATION, run_dir / "summary.json"]
-                + sorted(run_dir.glob("predictions*.csv"))
-            )
-            tracking.log_artifacts([run_dir / "plots"], artifact_path="plots")
-            if "export" in artifacts:
-                tracking.log_artifacts([artifacts["export"]], artifact_path="export")
-            example = np.zeros((1, cfg.model.image_size, cfg.model.image_size, 3), np.float32)
-            # The model as served: the temperature folded in, training-only layers removed.
-            served = inference_model(best, evaluation["calibration"].get("temperature"))
-            version = tracking.log_model(served, example, cfg.tracking)
-            if version is not None:
-                metrics["registered_version"] = version
-    if failure is not None:
-        raise failure
-    test = metrics[cfg.evaluate.split]
-    log.info(
-        "done in %.0f s: %s balanced accuracy %.3f (top-1 accuracy %.3f) after %d + %d epochs; run dir %s",
-        metrics["seconds"], cfg.evaluate.split, test["balanced_accuracy"], test["top1_accuracy"],
-        state["phase1_epochs"], state["phase2_epochs"], run_dir,
+    A failed export is returned, not raised, so that the training, the
+    metrics and parity.json are logged first.
+    """
+    history = read_history(run_dir)
+    review = review_phases(history, cfg.train.monitor, cfg.train.monitor_mode, cfg.train.collapse_share)
+    for warning in review["warnings"]:
+        log.warning("%s", warning)
+    tracking.log_review(review)
+    training_curves(history, run_dir / PLOTS / TRAINING_CURVES, state["phase1_epochs"])
+    best = load_keras(run_dir / BEST) if (run_dir / BEST).is_file() else model
+    cache = OmegaConf.to_container(cfg.data.cache, resolve=True)
+    evaluation = evaluate(
+        best, data.manifest, cfg.evaluate, cfg.model.image_size, cache, run_dir, seed=cfg.seed,
+        isic2018=cfg.data.split == SplitPolicy.official, training=review,
     )
-    return metrics, artifacts
+    failure = None
+    if cfg.export.enabled:
+        try:
+            export_run(Run(run_dir, cfg, data.manifest), best, cfg.export, metrics=evaluation)
+        except ExportError as err:
+            failure = err
+    summary = {
+        "val": evaluation.get("val"),
+        cfg.evaluate.split: evaluation[cfg.evaluate.split],
+        "epochs": {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]},
+        "training": review,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    # The model as served: the temperature folded in, training-only layers removed.
+    served = inference_model(best, evaluation["calibration"].get("temperature"))
+    version = tracking.log_finished_run(cfg, run_dir, summary, served)
+    if version is not None:
+        summary["registered_version"] = version
+    return summary, failure
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -25,16 +25,18 @@ from typing import Iterable, Optional
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from dermascan.config import ResizeMethod
 from dermascan.errors import DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.data.cache")
 
+# PIL's filter for each config.ResizeMethod.
 METHODS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "area": Image.Resampling.BOX,
+    ResizeMethod.nearest: Image.Resampling.NEAREST,
+    ResizeMethod.bilinear: Image.Resampling.BILINEAR,
+    ResizeMethod.bicubic: Image.Resampling.BICUBIC,
+    ResizeMethod.lanczos: Image.Resampling.LANCZOS,
+    ResizeMethod.area: Image.Resampling.BOX,
 }
 CHUNK = 32
 

@@ -28,7 +28,7 @@ from dermascan.classes import CODES, ISIC2018_COLUMNS, ISIC2019_COLUMNS
 from dermascan.data.isic import METADATA_2019, RELEASES
 from dermascan.errors import DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.data.demo")
 
 MARKER = ".dermascan_demo.json"
 FIRST_ID = 9_000_000
@@ -37,11 +37,12 @@ SITES = ("anterior torso", "posterior torso", "lower extremity", "upper extremit
 
 @dataclass(frozen=True)
 class DemoSpec:
-    images_per_class: int = 60
-    seed: int = 0
-    min_side: int = 160
-    max_side: int = 480
-    isic2018_share: float = 0.5
+    # data.demo's keys (configs/data/demo.yaml holds their values)
+    images_per_class: int
+    seed: int
+    min_side: int
+    max_side: int
+    isic2018_share: float
     # Images in ISIC 2018 training only: per class, plus AKIEC ones that
     # data.akiec=drop excludes.
     isic2018_only_per_class: int = 1
@@ -177,7 +178,7 @@ def _onehot(labels: list[str], columns: tuple[str, ...], fmt: str) -> pd.DataFra
     return table.astype(float if fmt == "float" else int)
 
 
-def generate(root: Path, spec: DemoSpec = DemoSpec()) -> Path:
+def generate(root: Path, spec: DemoSpec) -> Path:
     """Write the demo dataset into ``root`` (which must not hold other data)."""
     rng = np.random.default_rng(spec.seed)
     r2019, r2018 = RELEASES["isic2019_train"], RELEASES["isic2018_train"]
@@ -233,7 +234,7 @@ def generate(root: Path, spec: DemoSpec = DemoSpec()) -> Path:
     return root
 
 
-def ensure(root: Path, spec: DemoSpec = DemoSpec()) -> Path:
+def ensure(root: Path, spec: DemoSpec) -> Path:
     """Generate the demo into ``root`` unless the same demo is already there."""
     marker = root / MARKER
     wanted = asdict(spec)

@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.data.images")
 
 JPEG_EOI = b"\xff\xd9"
 # Some encoders pad after the end-of-image marker; look this far back.

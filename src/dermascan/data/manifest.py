@@ -17,14 +17,13 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from dermascan.artifacts import MANIFEST, MANIFEST_SUMMARY
 from dermascan.checksums import sha256
 from dermascan.classes import CODES
 from dermascan.data.isic import Excluded
 
 COLUMNS = ["image_id", "path", "label", "source", "lesion_id", "age", "sex", "site", "split", "label_2018"]
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.csv"
-SUMMARY = "manifest_summary.json"
 
 
 def counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -65,7 +64,7 @@ def summarise(
 
 def write(manifest: pd.DataFrame, summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path, summary_path = out_dir / MANIFEST, out_dir / SUMMARY
+    manifest_path, summary_path = out_dir / MANIFEST, out_dir / MANIFEST_SUMMARY
     tmp = manifest_path.with_suffix(".csv.tmp")
     manifest[COLUMNS].to_csv(tmp, index=False)
     tmp.replace(manifest_path)
@@ -97,3 +96,9 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"  {entry['count']:>6}  {reason}")
     lines.append(f"images in several releases, merged: {summary['duplicates_merged'].get('images_in_several_releases', 0)}")
     return "\n".join(lines)
+
+
+def evaluation_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of ``split`` that can be scored: an 8-class label, or an ISIC 2018 label (official test AKIEC)."""
+    rows = manifest[manifest["split"] == split]
+    return rows[rows["label"].notna() | rows["label_2018"].notna()].reset_index(drop=True)

@@ -8,8 +8,8 @@ import hydra
 from omegaconf import DictConfig
 
 from dermascan import cli
-from dermascan.config import config_dir
-from dermascan.serve.settings import ServeConfig, app_kwargs, check
+from dermascan.config import ServeConfig, config_dir
+from dermascan.serve.settings import app_kwargs, check
 
 log = logging.getLogger("dermascan.serve")
 

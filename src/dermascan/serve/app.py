@@ -55,9 +55,12 @@ from dermascan import __version__
 from dermascan.errors import DermascanError
 from dermascan.serve.images import DRAFT_FACTOR, MAX_PIXELS, ImageError, prepare_image
 from dermascan.serve.model import ServedModel, load_model
-from dermascan.serve.settings import MAX_UPLOAD_BYTES
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.serve.app")
+
+# The default for callers of create_app; the service and the Lambda take configs/serve.yaml's
+# value (tests/test_config.py pins the two equal).
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
 FIELD = "file"
 # Room for the multipart framing (boundaries, part headers) around a file of max_upload_bytes.

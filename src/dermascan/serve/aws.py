@@ -20,7 +20,7 @@ from typing import Any
 
 from dermascan.errors import DermascanError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.serve.aws")
 
 _handler: Callable[[dict, Any], dict] | None = None
 _lock = threading.Lock()

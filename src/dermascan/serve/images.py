@@ -43,7 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dermascan.data.cache import METHODS
 from dermascan.errors import DermascanError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.serve.images")
 
 # MPO (multi-picture JPEG, common from phones) is opened by the JPEG plugin.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")

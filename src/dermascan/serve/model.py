@@ -21,15 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from dermascan.artifacts import CARD, LABELS, PARITY, read_labels
 from dermascan.checksums import verify_manifest
 from dermascan.classes import DISCLAIMER
 from dermascan.errors import DermascanError
-from dermascan.runtime import RuntimeLoadError, load_predictor, read_labels
+from dermascan.runtime import RuntimeLoadError, load_predictor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.serve.model")
 
-CARD = "model_card.md"
-PARITY = "parity.json"
 
 
 class ServeError(DermascanError):
@@ -110,7 +109,7 @@ def load_model(
     classes = sorted(labels.get("classes") or [], key=lambda c: c.get("index", 0))
     keys = ("code", "name", "description", "category")
     if not classes or any(any(k not in c for k in keys) for c in classes):
-        raise ServeError(f"{export_dir}/labels.json: 'classes' must list {', '.join(keys)} for every class")
+        raise ServeError(f"{export_dir}/{LABELS}: 'classes' must list {', '.join(keys)} for every class")
     size, method = _input_size(labels), _resize_method(labels)
     predict = load_predictor(export_dir, runtime, tflite=tflite, num_threads=num_threads)
     try:

@@ -1,62 +1,37 @@
-"""The service's settings: the Hydra schema of ``configs/serve.yaml`` and the Lambda environment.
+"""The service's settings: checks on ``configs/serve.yaml`` (schema: ``config.ServeConfig``) and the Lambda environment.
 
     python -m dermascan.serve export_dir=runs/train/<ts>/export port=8000 runtime=tflite
 
 On Lambda there is no command line; ``from_env`` reads the same settings
-from environment variables:
+(defaults: ``configs/serve.yaml``) from environment variables:
 
     DERMASCAN_EXPORT_DIR         the export folder (default: export, relative to the working directory)
-    DERMASCAN_RUNTIME            tflite (default), savedmodel or keras
-    DERMASCAN_TFLITE             fp32 (default), fp16, int8_dynamic or int8_full
-    DERMASCAN_MAX_UPLOAD_BYTES   largest accepted upload (default 10 MiB)
-    DERMASCAN_MAX_PIXELS         largest accepted image, in pixels (default 50 000 000)
-    DERMASCAN_DRAFT_FACTOR       reduced-scale JPEG decoding margin; 0 turns it off (default 2)
-    DERMASCAN_NUM_THREADS        TFLite interpreter threads (default: the runtime's choice)
-    DERMASCAN_MAX_DECODERS       uploads decoded at once (default: one per CPU)
+    DERMASCAN_RUNTIME            tflite, savedmodel or keras
+    DERMASCAN_TFLITE             fp32, fp16, int8_dynamic or int8_full
+    DERMASCAN_MAX_UPLOAD_BYTES   largest accepted upload, in bytes
+    DERMASCAN_MAX_PIXELS         largest accepted image, in pixels
+    DERMASCAN_DRAFT_FACTOR       reduced-scale JPEG decoding margin; 0 turns it off
+    DERMASCAN_NUM_THREADS        TFLite interpreter threads
+    DERMASCAN_MAX_DECODERS       uploads decoded at once
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from dermascan.config import PathsConfig
+from dermascan.config import ServeConfig, compose
 from dermascan.errors import ConfigError
-from dermascan.runtime import RUNTIMES, TFLITE_KINDS
-from dermascan.serve.images import DRAFT_FACTOR, MAX_PIXELS
 
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 ENV_PREFIX = "DERMASCAN_"
-
-
-@dataclass
-class ServeConfig:
-    """``configs/serve.yaml``: keys and types."""
-
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    export_dir: str = "???"
-    runtime: str = "tflite"
-    tflite: str = "fp32"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_upload_bytes: int = MAX_UPLOAD_BYTES
-    max_pixels: int = MAX_PIXELS
-    draft_factor: int = DRAFT_FACTOR
-    num_threads: int | None = None
-    max_decoders: int | None = None  # uploads decoded at once; null: one per CPU
-    fail_fast: bool = True  # refuse to start on a bad export; false: start and answer 503
-    log_level: str = "info"
-    access_log: bool = True
+# The Lambda's default export folder (there is no command line to give one).
+LAMBDA_EXPORT_DIR = "export"
 
 
 def check(cfg: Any) -> Any:
     """Value checks the schema's types cannot express; raise ConfigError naming the key."""
-    if cfg.runtime not in RUNTIMES:
-        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {cfg.runtime!r}")
-    if cfg.tflite not in TFLITE_KINDS:
-        raise ConfigError(f"tflite must be one of {', '.join(TFLITE_KINDS)}, got {cfg.tflite!r}")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port must be in [0, 65535], got {cfg.port}")
     if cfg.max_upload_bytes < 1:
@@ -85,24 +60,31 @@ def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
 
 
 def from_env(env: Mapping[str, str] | None = None) -> dict:
-    """``create_app`` keyword arguments from ``DERMASCAN_*`` environment variables, checked."""
+    """``create_app`` keyword arguments: ``configs/serve.yaml`` under ``DERMASCAN_*`` environment variables, checked."""
     env = os.environ if env is None else env
-    settings = ServeConfig(
-        export_dir=env.get(ENV_PREFIX + "EXPORT_DIR", "").strip() or "export",
-        runtime=env.get(ENV_PREFIX + "RUNTIME", "").strip() or "tflite",
-        tflite=env.get(ENV_PREFIX + "TFLITE", "").strip() or "fp32",
-        max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES),
-        max_pixels=_int(env, "MAX_PIXELS", MAX_PIXELS),
-        draft_factor=_int(env, "DRAFT_FACTOR", DRAFT_FACTOR),
-        num_threads=_int(env, "NUM_THREADS", None),
-        max_decoders=_int(env, "MAX_DECODERS", None),
-    )
+    values: dict[str, Any] = {"export_dir": env.get(ENV_PREFIX + "EXPORT_DIR", "").strip() or LAMBDA_EXPORT_DIR}
+    for key in ("runtime", "tflite"):
+        raw = env.get(ENV_PREFIX + key.upper(), "").strip()
+        if raw:
+            values[key] = raw
+    for key in ("max_upload_bytes", "max_pixels", "draft_factor", "num_threads", "max_decoders"):
+        number = _int(env, key.upper(), None)
+        if number is not None:
+            values[key] = number
     try:
-        check(settings)
+        settings = check(compose("serve", ServeConfig, values=values))
     except ConfigError as err:  # name the variable: "runtime must be ..." -> "DERMASCAN_RUNTIME must be ..."
-        key, _, rest = str(err).partition(" ")
-        raise ConfigError(f"{ENV_PREFIX}{key.upper()} {rest}") from None
+        raise ConfigError(_env_message(str(err))) from None
     return app_kwargs(settings)
+
+
+def _env_message(message: str) -> str:
+    """A config error reworded to name the environment variable a Lambda user sets."""
+    bad = re.match(r"invalid config at '(\w+)': (.*)", message)
+    if bad:
+        return f"{ENV_PREFIX}{bad.group(1).upper()} is not valid: {bad.group(2)}"
+    key, _, rest = message.partition(" ")
+    return f"{ENV_PREFIX}{key.upper()} {rest}"
 
 
 def app_kwargs(cfg: Any) -> dict:

@@ -14,7 +14,7 @@ are kept. Both are needed in Keras 3: a Functional model passes ``fit``'s
 recorded at the call (keras-team/keras#20285), and only a non-trainable
 BatchNormalization layer runs in inference mode whatever it is told.
 
-A new backbone is one entry in ``BACKBONES``.
+A new backbone is one entry in ``BACKBONES`` and its name in ``config.BackboneName``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from typing import Any, Callable, Optional, Sequence
 import keras
 
 from dermascan.classes import CODES
-from dermascan.color import COLOR_CONSTANCY, ShadesOfGray
+from dermascan.config import BackboneName
 from dermascan.errors import ConfigError, DermascanError
+from dermascan.modeling.augment import IDGAugmentation
+from dermascan.modeling.color import COLOR_CONSTANCY, ShadesOfGray
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.modeling.model")
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,13 @@ def _scale_to_minus_one_one() -> keras.layers.Layer:
     return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
 
 
+# One entry per config.BackboneName (a new backbone: a name there, an entry here).
 BACKBONES: dict[str, Backbone] = {
     # mobilenet_v2.preprocess_input: x / 127.5 - 1.
-    "mobilenet_v2": Backbone(keras.applications.MobileNetV2, _scale_to_minus_one_one, takes_alpha=True),
+    BackboneName.mobilenet_v2: Backbone(keras.applications.MobileNetV2, _scale_to_minus_one_one, takes_alpha=True),
     # EfficientNet and MobileNetV3 rescale raw 0-255 pixels themselves.
-    "efficientnet_b0": Backbone(keras.applications.EfficientNetB0, lambda: None),
-    "mobilenet_v3_small": Backbone(
+    BackboneName.efficientnet_b0: Backbone(keras.applications.EfficientNetB0, lambda: None),
+    BackboneName.mobilenet_v3_small: Backbone(
         lambda **kw: keras.applications.MobileNetV3Small(include_preprocessing=True, **kw),
         lambda: None,
         takes_alpha=True,
@@ -118,7 +121,7 @@ def build_model(
     overrides the backbone's BatchNorm momentum (MobileNetV2 uses 0.999,
     too slow for moving statistics to settle in a short run from scratch).
     ``color_constancy="shades_of_gray"`` normalises each image's colour
-    (``dermascan.color``) after augmentation, before the backbone.
+    (``dermascan.modeling.color``) after augmentation, before the backbone.
     """
     if color_constancy not in COLOR_CONSTANCY:
         raise ConfigError(f"model.color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got {color_constancy!r}")
@@ -199,3 +202,30 @@ def freeze_head_bn(model: keras.Model) -> int:
             layer.trainable = False
             frozen += 1
     return frozen
+
+
+def inference_model(model: keras.Model, temperature: Optional[float] = None) -> keras.Model:
+    """A copy of the model for serving: uncompiled, without training-only layers, with the temperature built in.
+
+    softmax(z / T) is folded into the output layer by dividing its kernel and
+    bias by T, so no temperature layer is needed: the exported model holds
+    standard Keras layers only, except ``ShadesOfGray`` when the model
+    normalises colour (loading that ``model.keras`` needs ``import
+    dermascan.modeling.color``; the SavedModel and TFLite files need nothing). The
+    argmax, and so the top-1 prediction, cannot change.
+    """
+    inputs = model.inputs[0]
+    if any(isinstance(layer, IDGAugmentation) for layer in model.layers):
+        x = inputs
+        for layer in model.layers[1:]:
+            if not isinstance(layer, IDGAugmentation):
+                x = layer(x)
+    else:
+        x = model.outputs[0]
+    serving = keras.Model(inputs, x, name=model.name)
+    copy = keras.models.clone_model(serving)
+    copy.set_weights(serving.get_weights())
+    if temperature is not None and temperature != 1.0:
+        logits = copy.get_layer(LOGITS_LAYER)
+        logits.set_weights([w / temperature for w in logits.get_weights()])
+    return copy

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.evaluation.calibration")
 
 #: Search range of the fitted temperature.
 TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)

@@ -18,7 +18,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from dermascan.classes import CODES, INDEX
 from dermascan.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.modeling.class_weights")
 MODES = ("balanced", "none")
 
 

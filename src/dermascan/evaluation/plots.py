@@ -176,7 +176,7 @@ def _bins_arrays(bins: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The bins as float arrays (None -> NaN), checked for equal lengths.
 
     The per-bin mean confidence may be keyed ``confidence`` or ``mean_confidence``
-    (as :func:`dermascan.metrics.reliability_bins` names it).
+    (as :func:`dermascan.evaluation.metrics.reliability_bins` names it).
     """
     if "confidence" not in bins and "mean_confidence" in bins:
         bins = {**bins, "confidence": bins["mean_confidence"]}

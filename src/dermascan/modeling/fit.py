@@ -14,9 +14,9 @@ directory skips what is done and continues mid-phase at the next epoch.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,14 +24,21 @@ import keras
 import pandas as pd
 import tensorflow as tf
 
+from dermascan.artifacts import (
+    BACKUP,
+    BEST,
+    CHECKPOINTS,
+    HISTORY,
+    PHASE1_WEIGHTS,
+    read_history,
+    read_state,
+    write_state,
+)
 from dermascan.classes import CODES
-from dermascan.model import freeze_head_bn, unfreeze
+from dermascan.modeling.model import freeze_head_bn, unfreeze
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.modeling.fit")
 
-STATE = "state.json"
-HISTORY = "history.csv"
-BEST = "checkpoints/best.keras"
 
 
 @keras.saving.register_keras_serializable(package="dermascan")
@@ -101,12 +108,32 @@ class LargestClassShare(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def compile_model(
-    model: keras.Model, learning_rate: Any, label_smoothing: float, jit_compile: Any, clipnorm: Optional[float] = None
-) -> None:
+def load_keras(path: Path, compile: bool = True) -> keras.Model:
+    """A ``.keras`` file of this project: a checkpoint (``checkpoints/best.keras``) or an export's ``model.keras``.
+
+    Loading one needs the project's layers (ShadesOfGray, IDGAugmentation)
+    and metrics registered with Keras; importing this module does both.
+    """
+    return keras.models.load_model(path, compile=compile)
+
+
+def compile_model(model: keras.Model, learning_rate: Any, train_cfg: Any, jit_compile: Any) -> None:
+    """Adam with the run's clipping, weight decay and weight averaging, and the run's metrics.
+
+    ``train.ema_momentum`` keeps an exponential moving average of the weights
+    in the optimizer (Keras' ``use_ema``); ``run_phases`` swaps it in for
+    validation and checkpoints with ``keras.callbacks.SwapEMAWeights``.
+    """
+    ema = train_cfg.ema_momentum
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=clipnorm),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        optimizer=keras.optimizers.Adam(
+            learning_rate,
+            clipnorm=train_cfg.clipnorm,
+            weight_decay=train_cfg.weight_decay or None,
+            use_ema=ema is not None,
+            ema_momentum=0.99 if ema is None else ema,
+        ),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="top1_accuracy"), BalancedAccuracy(), LargestClassShare()],
         jit_compile=jit_compile,
     )
@@ -123,30 +150,6 @@ def cosine_schedule(lr: float, steps: int, warmup_steps: int, min_lr_fraction: f
             warmup_steps=warmup_steps,
         )
     return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, steps), alpha=min_lr_fraction)
-
-
-def read_state(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / STATE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = run_dir / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(run_dir / STATE)
-
-
-def read_history(run_dir: Path) -> pd.DataFrame:
-    """history.csv as a frame; empty when there is none yet.
-
-    A run stopped before its first epoch ended leaves an empty file
-    (CSVLogger opens it at the start of training): that is no history, not
-    an error, so such a run resumes from the start.
-    """
-    path = run_dir / HISTORY
-    if not path.is_file() or path.stat().st_size == 0:
-        return pd.DataFrame()
-    return pd.read_csv(path)
 
 
 def best_so_far(run_dir: Path, monitor: str, mode: str) -> Optional[float]:
@@ -172,99 +175,124 @@ class PhaseLogger(keras.callbacks.Callback):
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
-def run_phases(
-    model: keras.Model,
-    base: keras.Model,
-    train_data: Any,
-    val_data: Any,
-    train_cfg: Any,
-    run_dir: Path,
-    steps_per_epoch: int,
-    class_weight: Optional[dict[int, float]],
-    jit_compile: Any,
-    freeze_bn: bool,
-    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
-) -> dict[str, Any]:
-    """Train both phases (or what is left of them) and return the run's training record."""
-    state = read_state(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(run_dir / BEST),
-        monitor=train_cfg.monitor,
-        mode=train_cfg.monitor_mode,
-        save_best_only=True,
-        initial_value_threshold=best_so_far(run_dir, train_cfg.monitor, train_cfg.monitor_mode),
-    )
+@dataclass(frozen=True)
+class FitInputs:
+    """What both phases fit on: the train and val pipelines, the epoch length, and Keras' class weights."""
 
-    def callbacks(phase: int) -> list[keras.callbacks.Callback]:
+    train: Any  # tf.data.Dataset of (images, one-hot labels)
+    val: Any
+    steps_per_epoch: int
+    class_weight: Optional[dict[int, float]] = None
+
+
+@dataclass(frozen=True)
+class Fitting:
+    """One run's fit: the model, its backbone, the data, the train config section and where it writes."""
+
+    model: keras.Model
+    base: keras.Model
+    inputs: FitInputs
+    train_cfg: Any  # the validated train group
+    run_dir: Path
+    jit_compile: bool
+    freeze_bn: bool  # the backbone's BatchNorm in inference mode (model.freeze_bn, resolved)
+    callbacks: Sequence[keras.callbacks.Callback] = ()
+
+    def callbacks_for(self, phase: int, checkpoint: keras.callbacks.ModelCheckpoint) -> list[keras.callbacks.Callback]:
+        cfg = self.train_cfg
         return [
             PhaseLogger(phase),
             keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.BackupAndRestore(str(run_dir / "backup" / f"phase{phase}")),
+            keras.callbacks.BackupAndRestore(str(self.run_dir / BACKUP / f"phase{phase}")),
+            # After the backup (which must hold the raw weights and their average
+            # unswapped), before what reads the epoch's weights: early stopping,
+            # the checkpoint.
+            *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum is not None else []),
             keras.callbacks.EarlyStopping(
-                monitor=train_cfg.monitor,
-                mode=train_cfg.monitor_mode,
-                patience=train_cfg.patience,
-                restore_best_weights=True,
+                monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.patience, restore_best_weights=True
             ),
             checkpoint,
-            keras.callbacks.CSVLogger(str(run_dir / HISTORY), append=True),
-            *extra_callbacks,
+            keras.callbacks.CSVLogger(str(self.run_dir / HISTORY), append=True),
+            *self.callbacks,
         ]
 
-    def fit(phase: int, initial_epoch: int, epochs: int) -> int:
+    def fit(self, phase: int, initial_epoch: int, epochs: int, checkpoint: keras.callbacks.ModelCheckpoint) -> int:
         """One phase's ``fit``; returns the epochs the phase has run in all (resumes included)."""
-        model.fit(
-            train_data,
-            validation_data=val_data,
+        self.model.fit(
+            self.inputs.train,
+            validation_data=self.inputs.val,
             initial_epoch=initial_epoch,
             epochs=initial_epoch + epochs,
-            steps_per_epoch=steps_per_epoch,
-            class_weight=class_weight,
-            callbacks=callbacks(phase),
-            verbose=train_cfg.verbose,
+            steps_per_epoch=self.inputs.steps_per_epoch,
+            class_weight=self.inputs.class_weight,
+            callbacks=self.callbacks_for(phase, checkpoint),
+            verbose=self.train_cfg.verbose,
         )
-        return _epochs_done(run_dir, phase)
+        return _epochs_done(self.run_dir, phase)
 
-    e1, e2 = train_cfg.phase1.epochs, train_cfg.phase2.epochs
-    phase1_weights = run_dir / "checkpoints" / "phase1_end.weights.h5"
 
+def run_phases(fitting: Fitting) -> dict[str, Any]:
+    """Train both phases (or what is left of them) and return the run's training record (``state.json``).
+
+    The best epoch of either phase is checkpointed to ``checkpoints/best.keras``
+    (one ModelCheckpoint across both phases), and an interrupted run resumes
+    where it stopped.
+    """
+    run_dir, cfg = fitting.run_dir, fitting.train_cfg
+    state = read_state(run_dir)
+    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(run_dir / BEST),
+        monitor=cfg.monitor,
+        mode=cfg.monitor_mode,
+        save_best_only=True,
+        initial_value_threshold=best_so_far(run_dir, cfg.monitor, cfg.monitor_mode),
+    )
     if "phase1_epochs" not in state:
-        done = 0
-        if e1 > 0:
-            log.info("phase 1: head only, backbone frozen, %d epoch(s) at lr %g", e1, train_cfg.phase1.lr)
-            compile_model(model, train_cfg.phase1.lr, train_cfg.label_smoothing, jit_compile, train_cfg.clipnorm)
-            done = fit(1, 0, e1)
-        model.save_weights(str(phase1_weights))
-        state["phase1_epochs"] = done
+        state["phase1_epochs"] = _phase1(fitting, checkpoint)
         write_state(run_dir, state)
     elif "phase2_epochs" not in state:
         log.info("phase 1 already done (%d epochs): loading its weights", state["phase1_epochs"])
-        model.load_weights(str(phase1_weights))
-
+        fitting.model.load_weights(str(run_dir / PHASE1_WEIGHTS))
     if "phase2_epochs" not in state:
-        done = 0
-        if e2 > 0:
-            trainable = unfreeze(base, train_cfg.phase2.unfreeze_from, freeze_bn=freeze_bn)
-            head_bn = train_cfg.phase2.freeze_head_bn
-            if (head_bn if head_bn is not None else freeze_bn) and state["phase1_epochs"] > 0:
-                log.info("phase 2: %d head BatchNorm layer(s) in inference mode", freeze_head_bn(model))
-            elif head_bn:
-                log.warning("phase 2: the head's BatchNorm layers keep training: phase 1 ran no epoch, so they "
-                            "have no statistics worth freezing")
-            steps = steps_per_epoch * e2
-            warmup = steps_per_epoch * train_cfg.phase2.warmup_epochs
-            schedule = cosine_schedule(train_cfg.phase2.lr, steps, warmup, train_cfg.phase2.min_lr_fraction)
-            log.info(
-                "phase 2: fine-tuning %d backbone layer(s), %d epoch(s), cosine decay from lr %g over %d steps "
-                "(%d warmup)",
-                trainable, e2, train_cfg.phase2.lr, steps, warmup,
-            )
-            compile_model(model, schedule, train_cfg.label_smoothing, jit_compile, train_cfg.clipnorm)
-            done = fit(2, state["phase1_epochs"], e2)
-        state["phase2_epochs"] = done
+        state["phase2_epochs"] = _phase2(fitting, checkpoint, phase1_epochs=state["phase1_epochs"])
         write_state(run_dir, state)
     return state
+
+
+def _phase1(fitting: Fitting, checkpoint: keras.callbacks.ModelCheckpoint) -> int:
+    """The head on the frozen backbone, at a constant rate; its end weights are kept for a resume."""
+    cfg, done = fitting.train_cfg, 0
+    if cfg.phase1.epochs > 0:
+        log.info("phase 1: head only, backbone frozen, %d epoch(s) at lr %g", cfg.phase1.epochs, cfg.phase1.lr)
+        compile_model(fitting.model, cfg.phase1.lr, cfg, fitting.jit_compile)
+        done = fitting.fit(1, 0, cfg.phase1.epochs, checkpoint)
+    fitting.model.save_weights(str(fitting.run_dir / PHASE1_WEIGHTS))
+    return done
+
+
+def _phase2(fitting: Fitting, checkpoint: keras.callbacks.ModelCheckpoint, phase1_epochs: int) -> int:
+    """The backbone unfrozen (all of it, or from unfreeze_from) and everything fine-tuned with cosine decay."""
+    cfg = fitting.train_cfg
+    epochs = cfg.phase2.epochs
+    if epochs == 0:
+        return 0
+    trainable = unfreeze(fitting.base, cfg.phase2.unfreeze_from, freeze_bn=fitting.freeze_bn)
+    head_bn = cfg.phase2.freeze_head_bn
+    if (head_bn if head_bn is not None else fitting.freeze_bn) and phase1_epochs > 0:
+        log.info("phase 2: %d head BatchNorm layer(s) in inference mode", freeze_head_bn(fitting.model))
+    elif head_bn:
+        log.warning("phase 2: the head's BatchNorm layers keep training: phase 1 ran no epoch, so they "
+                    "have no statistics worth freezing")
+    steps = fitting.inputs.steps_per_epoch * epochs
+    warmup = fitting.inputs.steps_per_epoch * cfg.phase2.warmup_epochs
+    schedule = cosine_schedule(cfg.phase2.lr, steps, warmup, cfg.phase2.min_lr_fraction)
+    log.info(
+        "phase 2: fine-tuning %d backbone layer(s), %d epoch(s), cosine decay from lr %g over %d steps (%d warmup)",
+        trainable, epochs, cfg.phase2.lr, steps, warmup,
+    )
+    compile_model(fitting.model, schedule, cfg, fitting.jit_compile)
+    return fitting.fit(2, phase1_epochs, epochs, checkpoint)
 
 
 def _epochs_done(run_dir: Path, phase: int) -> int:

@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from dermascan.augment import AugmentParams, augment_batch_cpu
 from dermascan.classes import CODES, INDEX
 from dermascan.data.cache import build_cache
 from dermascan.data.images import check_image
 from dermascan.errors import ConfigError, DataError
+from dermascan.modeling.augment import AugmentParams, augment_batch_cpu
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.modeling.inputs")
 
 
 @dataclass(frozen=True)

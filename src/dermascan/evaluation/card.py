@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from dermascan import __version__
 from dermascan.classes import CLASSES
-from dermascan.report import ci, fmt
+from dermascan.evaluation.report import ci, fmt
 
 INTENDED_USE = """\
 ## Intended use

@@ -25,7 +25,9 @@ from typing import Any
 import keras
 from keras import ops
 
-COLOR_CONSTANCY = ("none", "shades_of_gray")
+from dermascan.config import ColorConstancy
+
+COLOR_CONSTANCY = tuple(ColorConstancy)
 # Below (H * W) ** (-1 / p) for p = 6 and any image under 64 megapixels; with a smaller p it can only
 # touch a channel that is almost entirely dark.
 NORM_FLOOR = 0.05

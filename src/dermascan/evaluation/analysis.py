@@ -46,14 +46,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from dermascan.artifacts import BEST, CONFIG, METRICS, MLFLOW_RUN_ID, PREDICTIONS
 from dermascan.classes import CODES, INDEX
 from dermascan.errors import DataError
-from dermascan.evaluate import METRICS, PREDICTIONS
-from dermascan.fit import BEST
-from dermascan.metrics import classification_metrics
-from dermascan.rundir import CONFIG, Run, load_images, load_run
+from dermascan.evaluation.metrics import classification_metrics
+from dermascan.rundir import Run, load_images, load_run
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dermascan.evaluation.analysis")
 
 UNKNOWN = "unknown"
 #: Age bands, in order; ages are ISIC's ``age_approx`` (multiples of 5).
@@ -213,7 +212,7 @@ def load(
     split = evaluation.get("split", "test")
     table = join_predictions(pd.read_csv(run.run_dir / PREDICTIONS), run.manifest)
     if mlflow_run_id is None:
-        id_file = run.run_dir / "mlflow_run_id.txt"
+        id_file = run.run_dir / MLFLOW_RUN_ID
         mlflow_run_id = id_file.read_text().strip() if id_file.is_file() else None
 
     unlabelled = int(table["label"].isna().sum())
@@ -381,7 +380,7 @@ def gradient_model(model: keras.Model, layer_name: Optional[str] = None) -> tupl
     Nested backbone: its last 4-D layer (or ``layer_name`` inside it) is
     exposed by a sub-model of the backbone, and the outer model's layers are
     re-applied around it, in order (the outer model must be a chain, as
-    ``dermascan.model.build_model`` builds it; :func:`grad_cam` checks the
+    ``dermascan.modeling.model.build_model`` builds it; :func:`grad_cam` checks the
     rebuilt output against the original's). Flat model: the layer's output
     is taken from the model's own graph.
     """

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 import cv2
@@ -53,6 +53,9 @@ import tensorflow as tf
 
 @dataclass(frozen=True)
 class AugmentParams:
+    """ImageDataGenerator's transform parameters. The defaults are the identity
+    (no augmentation, as evaluation wants); training's come from the augment group."""
+
     rotation_range: float = 0.0
     width_shift_range: float = 0.0
     height_shift_range: float = 0.0
@@ -66,21 +69,16 @@ class AugmentParams:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> AugmentParams:
-        zoom = cfg.get("zoom_range", 0.0)
+        """The ``augment`` group as transform parameters (a key it lacks keeps the identity)."""
+        values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
+        zoom = values.get("zoom_range", 0.0)
         zoom = (1.0 - zoom, 1.0 + zoom) if isinstance(zoom, (int, float)) else tuple(zoom)
-        brightness = cfg.get("brightness_range")
-        return cls(
-            rotation_range=float(cfg.get("rotation_range", 0.0)),
-            width_shift_range=float(cfg.get("width_shift_range", 0.0)),
-            height_shift_range=float(cfg.get("height_shift_range", 0.0)),
-            zoom_range=(float(zoom[0]), float(zoom[1])),
-            shear_range=float(cfg.get("shear_range", 0.0)),
-            horizontal_flip=bool(cfg.get("horizontal_flip", False)),
-            vertical_flip=bool(cfg.get("vertical_flip", False)),
-            brightness_range=None if brightness is None else (float(brightness[0]), float(brightness[1])),
-            fill_mode=str(cfg.get("fill_mode", "nearest")),
-            cval=float(cfg.get("cval", 0.0)),
-        )
+        brightness = values.get("brightness_range")
+        values["zoom_range"] = (float(zoom[0]), float(zoom[1]))
+        values["brightness_range"] = None if brightness is None else (float(brightness[0]), float(brightness[1]))
+        if "fill_mode" in values:
+            values["fill_mode"] = str(values["fill_mode"])
+        return cls(**values)
 
     def idg_kwargs(self) -> dict[str, Any]:
         """The same settings as ImageDataGenerator keyword arguments."""

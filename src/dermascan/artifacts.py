@@ -1,0 +1,130 @@
+"""Every file of a run dir and of an export dir, by name, with its reader. No TensorFlow.
+
+A training run dir (``python -m dermascan.train``)::
+
+    config.yaml                the validated config (rundir.load_run reads it back through config.validate)
+    manifest.csv               the ingested images and their split; manifest_summary.json: counts
+    class_weights.json         the weights train used, per class
+    state.json, history.csv    the phases done, and one row per epoch (both phases)
+    checkpoints/best.keras     the best epoch across phases: what is evaluated and exported
+    checkpoints/phase1_end.weights.h5, backup/   resume points
+    predictions.csv            exactly the ISIC submission layout: image, then one column per class
+    predictions_isic2018.csv   the 2018 7-class scheme (data.split=official only)
+    metrics.json, report.md, calibration.json, summary.json
+    plots/                     roc_curves.png, confusion_matrix.png, reliability.png, training_curves.png
+    eval/<split>_tta-<tta>/    re-evaluations (python -m dermascan.evaluate)
+    export/                    the export dir
+    mlflow_run_id.txt          the MLflow run the stages log to
+
+An export dir (``python -m dermascan.export``)::
+
+    model.keras, saved_model/, model_<kind>.tflite, model.mlpackage
+    labels.json                what an app needs: class order, input contract, temperature
+    parity.json                each format against Keras on real images
+    model_card.md
+    MANIFEST.sha256            sha256sum -c format, over every other file
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from dermascan.errors import DermascanError
+
+# --- run dir ---
+CONFIG = "config.yaml"
+MANIFEST = "manifest.csv"
+MANIFEST_SUMMARY = "manifest_summary.json"
+CLASS_WEIGHTS = "class_weights.json"
+STATE = "state.json"
+HISTORY = "history.csv"
+CHECKPOINTS = "checkpoints"
+BEST = f"{CHECKPOINTS}/best.keras"
+PHASE1_WEIGHTS = f"{CHECKPOINTS}/phase1_end.weights.h5"
+BACKUP = "backup"
+PREDICTIONS = "predictions.csv"
+PREDICTIONS_2018 = "predictions_isic2018.csv"
+METRICS = "metrics.json"
+REPORT = "report.md"
+CALIBRATION = "calibration.json"
+SUMMARY = "summary.json"
+PLOTS = "plots"
+ROC_CURVES = "roc_curves.png"
+CONFUSION_MATRIX = "confusion_matrix.png"
+RELIABILITY = "reliability.png"
+TRAINING_CURVES = "training_curves.png"
+EVAL = "eval"
+EXPORT = "export"
+MLFLOW_RUN_ID = "mlflow_run_id.txt"
+
+# --- export dir ---
+KERAS_MODEL = "model.keras"
+SAVED_MODEL = "saved_model"
+COREML = "model.mlpackage"
+LABELS = "labels.json"
+PARITY = "parity.json"
+CARD = "model_card.md"
+CHECKSUMS = "MANIFEST.sha256"
+
+
+def tflite_name(kind: str) -> str:
+    return f"model_{kind}.tflite"
+
+
+def eval_dir(run_dir: Path, split: str, tta: str) -> Path:
+    """Where ``python -m dermascan.evaluate`` writes a re-evaluation of a run."""
+    return Path(run_dir) / EVAL / f"{split}_tta-{tta}"
+
+
+class ArtifactError(DermascanError):
+    """An expected file of a run dir or export dir is missing."""
+
+
+# --- readers ---
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file, or ``default`` when there is none."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def read_temperature(run_dir: Path) -> Optional[float]:
+    """The temperature evaluation fitted on val (``calibration.json``); None when none was fitted."""
+    calibration = read_json(Path(run_dir) / CALIBRATION, {})
+    return calibration.get("temperature")
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / STATE, {})
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """``state.json``, replaced atomically (a killed run never leaves half a file)."""
+    tmp = Path(run_dir) / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(Path(run_dir) / STATE)
+
+
+def read_history(run_dir: Path) -> pd.DataFrame:
+    """history.csv as a frame; empty when there is none yet.
+
+    A run stopped before its first epoch ended leaves an empty file
+    (CSVLogger opens it at the start of training): that is no history, not
+    an error, so such a run resumes from the start.
+    """
+    path = Path(run_dir) / HISTORY
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    return pd.read_csv(path)
+
+
+def read_labels(export_dir: Path) -> dict:
+    path = Path(export_dir) / LABELS
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: is {export_dir} an export folder (python -m dermascan.export)?")
+    return json.loads(path.read_text())
