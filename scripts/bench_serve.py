@@ -51,11 +51,13 @@ def free_port() -> int:
 
 def make_export(out: Path, image_size: int, alpha: float) -> None:
     """A MobileNetV2 model with random weights (for speed, not answers), exported with TFLite fp32."""
+    from dermascan.config import RunConfig, compose
     from dermascan.export import export_model
     from dermascan.modeling.model import build_model
 
     started = time.perf_counter()
-    model, _ = build_model(image_size=image_size, weights=None, alpha=alpha)
+    overrides = ["run_dir=unused", "~experiment", f"model.image_size={image_size}", "model.weights=null", f"model.alpha={alpha}"]
+    model, _ = build_model(compose("train", RunConfig, overrides).model)
     export_model(model, out, image_size=image_size, tflite=("fp32",), latency_runs=20)
     log.info("exported a %d-px alpha %g model to %s in %.1f s", image_size, alpha, out, time.perf_counter() - started)
 

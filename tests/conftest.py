@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dermascan import config
 from dermascan.config import RunConfig
@@ -22,6 +22,16 @@ SAMPLE_IMAGES = SHARED / "isic-sample" / "images"
 def compose_config(name: str, overrides: list[str], schema: type) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with overrides and validate it, as the entry points do."""
     return config.compose(name, schema, overrides)
+
+
+def model_config(units=None, dropout=None, **values) -> DictConfig:
+    """The ``model`` group from the YAML (``configs/model/mobilenet_v2.yaml``) with ``values`` over it.
+
+    ``units`` and ``dropout`` set the head's; e.g. ``model_config(image_size=32, weights=None, units=[8], dropout=[0.1])``.
+    """
+    head = {k: v for k, v in (("units", units), ("dropout", dropout)) if v is not None}
+    base = compose_config("train", ["run_dir=/r", "~experiment"], RunConfig).model
+    return OmegaConf.merge(base, values, {"head": head} if head else {})
 
 
 @pytest.fixture(scope="session")
@@ -131,8 +141,8 @@ def exported(sample_pixels, tmp_path_factory):
 
     images, labels = sample_pixels
     keras.utils.set_random_seed(0)
-    model, base = build_model(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3],
-                              bn_momentum=0.0)
+    model, base = build_model(model_config(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3],
+                              bn_momentum=0.0))
     with_real_statistics(model, base, images)
     out_dir = tmp_path_factory.mktemp("export") / "export"
     report = export_model(

@@ -253,8 +253,10 @@ def tiny():
     """The project's model at 64 px: a nested MobileNetV2 (0.35) whose last feature map is 2x2."""
     from dermascan.modeling.model import build_model
 
+    from .conftest import model_config
+
     keras.utils.set_random_seed(0)
-    model, base = build_model(image_size=64, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3])
+    model, base = build_model(model_config(image_size=64, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3]))
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
     return model, base, images
 

@@ -12,6 +12,8 @@ from PIL import Image
 from dermascan.modeling.color import ShadesOfGray
 from dermascan.modeling.model import build_model
 
+from .conftest import model_config
+
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic-sample" / "images"
 
 
@@ -66,8 +68,8 @@ def test_removes_a_colour_cast_and_keeps_brightness() -> None:
 
 
 def test_is_part_of_the_model_and_survives_saving(tmp_path: Path) -> None:
-    model, _ = build_model(image_size=32, weights=None, alpha=0.35, units=[8], dropout=[0.1],
-                           color_constancy="shades_of_gray", sog_power=6.0)
+    model, _ = build_model(model_config(image_size=32, weights=None, alpha=0.35, units=[8], dropout=[0.1],
+                           color_constancy="shades_of_gray", sog_power=6.0))
     assert model.get_layer("shades_of_gray").power == 6.0
     images = real_or_realistic_images()[:2, :32, :32]
     path = tmp_path / "model.keras"
@@ -89,8 +91,8 @@ def test_exported_formats_apply_the_same_normalisation(sample_pixels, tmp_path):
 
     images, labels = sample_pixels
     keras.utils.set_random_seed(0)
-    model, base = build_model(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16], dropout=[0.0],
-                              bn_momentum=0.0, color_constancy="shades_of_gray")
+    model, base = build_model(model_config(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16], dropout=[0.0],
+                              bn_momentum=0.0, color_constancy="shades_of_gray"))
     with_real_statistics(model, base, images)
     out_dir = tmp_path / "export"
     report = export_model(model, out_dir, image_size=EXPORT_SIZE, tflite=["fp32"], parity_images=images[:64],

@@ -11,7 +11,7 @@ from dermascan.config import RunConfig
 from dermascan.modeling.fit import LargestClassShare, compile_model, review_phases
 from dermascan.modeling.model import build_model, freeze_head_bn, unfreeze
 
-from .conftest import compose_config
+from .conftest import compose_config, model_config
 
 
 def history(val: list[float], shares: list[float], phases: list[int]) -> pd.DataFrame:
@@ -59,7 +59,7 @@ def test_largest_class_share_counts_the_argmax():
 
 def test_frozen_head_bn_keeps_its_statistics_while_the_backbone_fine_tunes():
     keras.utils.set_random_seed(0)
-    model, base = build_model(image_size=32, weights=None, alpha=0.35, units=[8, 8], dropout=[0.0, 0.0])
+    model, base = build_model(model_config(image_size=32, weights=None, alpha=0.35, units=[8, 8], dropout=[0.0, 0.0]))
     images = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
     labels = np.eye(8)[np.arange(16) % 8]
     unfreeze(base, -10, freeze_bn=True)

@@ -20,7 +20,7 @@ from dermascan.config import RunConfig
 from dermascan.tracking import TrackingError
 from dermascan.train import train
 
-from .conftest import REPO, compose_config, debug_config, debug_overrides
+from .conftest import REPO, compose_config, debug_config, debug_overrides, model_config
 
 
 def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
@@ -197,7 +197,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     source = build_backbone("mobilenet_v2", 32, None, alpha=0.35)
     path = tmp_path / "backbone.weights.h5"
     source.save_weights(path)
-    model, base = build_model(image_size=32, weights=str(path), alpha=0.35)
+    model, base = build_model(model_config(image_size=32, weights=str(path), alpha=0.35))
     for expected, loaded in zip(source.weights, base.weights):
         np.testing.assert_array_equal(expected.numpy(), loaded.numpy())
     fresh = build_backbone("mobilenet_v2", 32, None, alpha=0.35)
@@ -222,7 +222,7 @@ def test_imagenet_download_failure_names_the_alternatives(monkeypatch):
 def test_other_backbone_builds_with_preprocessing_inside():
     from dermascan.modeling.model import build_model
 
-    model, base = build_model(backbone="efficientnet_b0", image_size=32, weights=None, units=[8], dropout=[0.3])
+    model, base = build_model(model_config(backbone="efficientnet_b0", image_size=32, weights=None, units=[8], dropout=[0.3]))
     probabilities = model.predict(np.full((2, 32, 32, 3), 128.0, np.float32), verbose=0)
     assert probabilities.shape == (2, 8) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     assert base.name.startswith("efficientnetb0")
@@ -233,7 +233,7 @@ def test_mixed_precision_keeps_softmax_float32():
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model, _ = build_model(image_size=32, weights=None, alpha=0.35, units=[8], dropout=[0.3])
+        model, _ = build_model(model_config(image_size=32, weights=None, alpha=0.35, units=[8], dropout=[0.3]))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("logits").compute_dtype == "float16"

@@ -194,7 +194,7 @@ def _check_settings(settings: DictConfig) -> None:
         raise ConfigError(f"download.base_url must be an http(s) URL, got {settings.base_url!r}")
     if not settings.releases:
         raise ConfigError("download.releases is empty: name at least one release")
-    known = {r.value for r in Release}
+    known = set(Release)
     for key in settings.files:
         if key not in known:
             raise ConfigError(
@@ -202,9 +202,9 @@ def _check_settings(settings: DictConfig) -> None:
             )
     names: list[str] = []
     for release in settings.releases:
-        files = settings.files.get(Release(release).value)
+        files = settings.files.get(str(release))
         if not files:
-            raise ConfigError(f"download.files has no files for release {Release(release).value}")
+            raise ConfigError(f"download.files has no files for release {Release(release)}")
         names += [PurePosixPath(p).name for p in files]
     every = {PurePosixPath(p).name for files in settings.files.values() for p in files}
     if len(names) != len(set(names)):
@@ -334,8 +334,8 @@ def download(cfg: DictConfig) -> list[Path]:
     produced: list[Path] = []
     for release in settings.releases:
         release = Release(release)
-        log.info("release %s -> %s", release.value, dest)
-        for path in settings.files[release.value]:
+        log.info("release %s -> %s", release, dest)
+        for path in settings.files[str(release)]:
             produced += _get_file(settings, dest, state, path)
     log.info("%d release(s) ready in %s", len(settings.releases), dest)
     return produced

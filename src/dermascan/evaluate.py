@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -163,6 +164,30 @@ def choose_temperature(probabilities: np.ndarray, labels: pd.Series, min_images:
     return fitted, f"fitted on val ({len(labels)} images)"
 
 
+@dataclass
+class Predicted:
+    """One model's probabilities on the evaluated split (and val), and the temperatures applied to them."""
+
+    rows: pd.DataFrame  # the split's scorable rows
+    val_rows: pd.DataFrame  # val's labelled rows (empty when val is not scored)
+    plain: np.ndarray  # single view, uncalibrated
+    raw: np.ndarray  # with the TTA views averaged (= plain without TTA), uncalibrated
+    val_plain: Optional[np.ndarray]
+    temperature: Optional[float]  # fitted on val's single view (the one export builds in), or given
+    headline_temperature: Optional[float]  # for ``raw``: fitted on val with the same TTA
+    calibration: dict[str, Any]  # calibration.json
+    fitted: bool  # a temperature was fitted (or skipped) here, so calibration.json is written
+
+    @property
+    def headline(self) -> np.ndarray:
+        """The reported probabilities: TTA averaged, then calibrated."""
+        return calibrated(self.raw, self.headline_temperature)
+
+
+def calibrated(p: np.ndarray, temperature: Optional[float]) -> np.ndarray:
+    return p if temperature is None else apply_temperature(p, temperature)
+
+
 def evaluate(
     model: keras.Model,
     manifest: pd.DataFrame,
@@ -170,6 +195,7 @@ def evaluate(
     image_size: int,
     cache: dict[str, Any],
     out_dir: Path,
+    *,
     seed: int = 0,
     temperature: Optional[float] = None,
     isic2018: bool = False,
@@ -188,6 +214,29 @@ def evaluate(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    predicted = predict_and_calibrate(model, manifest, cfg, image_size, cache, temperature)
+    if predicted.fitted:
+        (out_dir / CALIBRATION).write_text(json.dumps(predicted.calibration, indent=2))
+    result = score_all(predicted, cfg, seed, isic2018, out_dir)
+    if training is not None:
+        result["training"] = training
+    write_plots(predicted, result, cfg, out_dir / PLOTS)
+    (out_dir / METRICS).write_text(json.dumps(result, indent=2))
+    (out_dir / REPORT).write_text(render_report(result))
+    m = result[cfg.split]
+    log.info(
+        "%s split, %d images: balanced accuracy %.3f (95%% CI %s), top-1 accuracy %.3f, mean AUC %s",
+        cfg.split, m["n"], m["balanced_accuracy"], _ci_text(m), m["top1_accuracy"],
+        "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.3f}",
+    )
+    return result
+
+
+def predict_and_calibrate(
+    model: keras.Model, manifest: pd.DataFrame, cfg: Any, image_size: int, cache: dict[str, Any],
+    temperature: Optional[float],
+) -> Predicted:
+    """Predict the split (and val), and fit the temperatures on val (see ``evaluate``)."""
     split, tta = cfg.split, cfg.tta
     val_rows = evaluation_rows(manifest, "val")
     val_rows = val_rows[val_rows["label"].notna()].reset_index(drop=True)
@@ -207,66 +256,62 @@ def evaluate(
             log.warning("temperature scaling not applied: %s", why)
         else:
             log.info("temperature %.3f %s", temperature, why)
-        (out_dir / CALIBRATION).write_text(json.dumps(calibration, indent=2))
 
     raw = plain if tta == "none" else predict(model, rows, image_size, cfg.batch_size, cache, tta)
     headline_temperature = temperature
     if tta != "none" and fit and temperature is not None:
         val_tta = predict(model, val_rows, image_size, cfg.batch_size, cache, tta)
-        headline_temperature, why = choose_temperature(val_tta, val_rows["label"], cfg.min_calibration_images)
+        headline_temperature, _ = choose_temperature(val_tta, val_rows["label"], cfg.min_calibration_images)
         calibration[f"temperature_tta_{tta}"] = headline_temperature
+    return Predicted(rows, val_rows if with_val else val_rows.iloc[:0], plain, raw, val_plain, temperature,
+                     headline_temperature, calibration, fitted=bool(fit))
 
-    def calibrated(p: np.ndarray, t: Optional[float]) -> np.ndarray:
-        return p if t is None else apply_temperature(p, t)
 
-    headline = calibrated(raw, headline_temperature)
+def score_all(predicted: Predicted, cfg: Any, seed: int, isic2018: bool, out_dir: Path) -> dict[str, Any]:
+    """metrics.json's scores (the split, without TTA, val, the 2018 scheme); writes the predictions files."""
+    split, rows, headline = cfg.split, predicted.rows, predicted.headline
     result: dict[str, Any] = {
         "split": split,
-        "tta": tta,
-        "calibration": calibration,
+        "tta": cfg.tta,
+        "calibration": predicted.calibration,
         split: score(rows["label"], headline, cfg.bootstrap_resamples, seed, cfg.calibration_bins),
     }
-    if training is not None:
-        result["training"] = training
-    if tta != "none":
+    if cfg.tta != "none":
         result[f"{split}_no_tta"] = score(
-            rows["label"], calibrated(plain, temperature), cfg.bootstrap_resamples, seed, cfg.calibration_bins
+            rows["label"], calibrated(predicted.plain, predicted.temperature), cfg.bootstrap_resamples, seed,
+            cfg.calibration_bins,
         )
-    if with_val:
-        result["val"] = score(val_rows["label"], calibrated(val_plain, temperature), 0, seed, cfg.calibration_bins)
+    if len(predicted.val_rows):
+        val = calibrated(predicted.val_plain, predicted.temperature)
+        result["val"] = score(predicted.val_rows["label"], val, 0, seed, cfg.calibration_bins)
 
     write_predictions(rows, headline, out_dir / PREDICTIONS)
     in_2018 = (rows["source"].str.contains("isic2018_test", na=False) & rows["label_2018"].notna()).to_numpy()
     if isic2018 and in_2018.any():
         result["isic2018"] = score_isic2018(rows, headline, cfg.bootstrap_resamples, seed)
         write_predictions(rows[in_2018], to_isic2018(headline[in_2018]), out_dir / PREDICTIONS_2018, CODES_2018, "label_2018")
+    return result
 
+
+def write_plots(predicted: Predicted, result: dict[str, Any], cfg: Any, plot_dir: Path) -> None:
+    """ROC curves, the confusion matrix and the reliability diagram (before and after the temperature)."""
+    rows, headline, raw = predicted.rows, predicted.headline, predicted.raw
     labelled = rows["label"].notna().to_numpy()
     truth = rows.loc[labelled, "label"].map(INDEX).to_numpy()
-    plot_dir = out_dir / PLOTS
+    metrics = result[cfg.split]
     plots.roc_curves(truth, headline[labelled], plot_dir / ROC_CURVES)
-    plots.confusion_matrix_plot(np.array(result[split]["confusion_matrix"]), plot_dir / CONFUSION_MATRIX)
+    plots.confusion_matrix_plot(np.array(metrics["confusion_matrix"]), plot_dir / CONFUSION_MATRIX)
     bins = reliability_bins(truth, headline[labelled], cfg.calibration_bins)
-    ece = result[split]["expected_calibration_error"]
-    if headline_temperature is None:
+    ece = metrics["expected_calibration_error"]
+    if predicted.headline_temperature is None:
         plots.reliability_diagram(bins, plot_dir / RELIABILITY, ece=ece)
-    else:
-        before = expected_calibration_error(truth, raw[labelled], cfg.calibration_bins)
-        result[split]["expected_calibration_error_before_temperature"] = before
-        plots.reliability_diagram(
-            reliability_bins(truth, raw[labelled], cfg.calibration_bins), plot_dir / RELIABILITY, ece=before,
-            calibrated_bins=bins, calibrated_ece=ece,
-        )
-
-    (out_dir / METRICS).write_text(json.dumps(result, indent=2))
-    (out_dir / REPORT).write_text(render_report(result))
-    m = result[split]
-    log.info(
-        "%s split, %d images: balanced accuracy %.3f (95%% CI %s), top-1 accuracy %.3f, mean AUC %s",
-        split, m["n"], m["balanced_accuracy"], _ci_text(m), m["top1_accuracy"],
-        "n/a" if m["mean_auc"] is None else f"{m['mean_auc']:.3f}",
+        return
+    before = expected_calibration_error(truth, raw[labelled], cfg.calibration_bins)
+    metrics["expected_calibration_error_before_temperature"] = before
+    plots.reliability_diagram(
+        reliability_bins(truth, raw[labelled], cfg.calibration_bins), plot_dir / RELIABILITY, ece=before,
+        calibrated_bins=bins, calibrated_ece=ece,
     )
-    return result
 
 
 def _ci_text(metrics: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -197,31 +198,22 @@ def export_model(
     everything else is written, the export raises ExportError naming it.
     """
     out_dir = Path(out_dir)
-    unknown = [kind for kind in tflite if kind not in TFLITE_KINDS]
-    if unknown:
-        raise ExportError(f"unknown export.tflite kind(s) {unknown}; choose from {', '.join(TFLITE_KINDS)}")
-    if "int8_full" in tflite and (representative is None or not len(representative)):
-        raise ExportError("export.tflite int8_full needs representative images (from the train split)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / CHECKSUMS).is_file():
-            raise ExportError(f"{out_dir} exists and is not an export folder (no {CHECKSUMS}); refusing to replace it")
-        shutil.rmtree(out_dir)
+    _check_request(out_dir, tflite, representative)
     out_dir.mkdir(parents=True)
     serving = inference_model(model, temperature)
     if parity_images is None or not len(parity_images):
         parity_images = np.random.default_rng(0).integers(0, 256, (16, image_size, image_size, 3), dtype=np.uint8)
         parity_labels = None
-    parity_images = np.asarray(parity_images, np.uint8)
-    reference = np.asarray(serving.predict(parity_images.astype(np.float32), batch_size=32, verbose=0))
+    parity = Parity(np.asarray(parity_images, np.uint8), parity_labels, min_agreement, latency_runs)
+    reference = parity.reference(serving)
     report: dict[str, Any] = {
-        "n_images": int(len(parity_images)),
+        "n_images": int(len(parity.images)),
         "source": "test split" if parity_labels is not None else "random pixels (no test images given)",
         "min_agreement": min_agreement,
         "formats": {},
     }
     if parity_labels is not None:
         report["keras_balanced_accuracy"] = classification_metrics(parity_labels, reference)["balanced_accuracy"]
-    probe = parity_images[0]
 
     started = time.perf_counter()
     serving.save(out_dir / KERAS_MODEL)
@@ -229,38 +221,10 @@ def export_model(
     log.info("wrote %s and %s/ in %.1f s", KERAS_MODEL, SAVED_MODEL, time.perf_counter() - started)
     for name, predict in (("keras", keras_predictor(out_dir / KERAS_MODEL)),
                           ("savedmodel", savedmodel_predictor(out_dir / SAVED_MODEL))):
-        report["formats"][name] = compare(reference, predict(parity_images), parity_labels)
-        report["formats"][name]["latency_ms"] = batch1_latency_ms(predict, probe, latency_runs)
-
+        report["formats"][name] = parity.check(reference, predict)
     for kind in tflite:
-        started = time.perf_counter()
-        content = convert_tflite(out_dir / SAVED_MODEL, kind, representative)
-        predict = tflite_predictor(content)
-        try:
-            result = compare(reference, predict(parity_images), parity_labels)
-        except RuntimeError as err:  # a kernel that refuses its inputs, e.g. an int8 division by a zero
-            result = {"error": f"fails to run on the parity images: {str(err).splitlines()[0]}"}
-        result["bytes"] = len(content)
-        result["file"] = tflite_name(kind)
-        report["formats"][f"tflite_{kind}"] = result
-        result["kept"] = not below_agreement({kind: result}, min_agreement)
-        if "error" in result:
-            log.warning("tflite %s %s -- not kept", kind, result["error"])
-            continue
-        result["latency_ms"] = batch1_latency_ms(predict, probe, latency_runs)
-        if result["kept"]:
-            (out_dir / tflite_name(kind)).write_bytes(content)
-        log.info(
-            "tflite %s: %.2f MB, top-1 agreement %.4f, max |diff| %.2g%s (%.1f s)",
-            kind, len(content) / 1e6, result["top1_agreement"], result["max_abs_diff"],
-            "" if result["kept"] else " -- below export.min_agreement, not kept", time.perf_counter() - started,
-        )
-    fp32 = report["formats"].get("tflite_fp32")
-    for result in report["formats"].values():
-        if fp32 and "bytes" in result:
-            result["size_vs_fp32"] = round(result["bytes"] / fp32["bytes"], 4)
-        if fp32 and fp32.get("latency_ms") and result.get("latency_ms"):
-            result["latency_vs_tflite_fp32"] = round(result["latency_ms"] / fp32["latency_ms"], 3)
+        report["formats"][f"tflite_{kind}"] = _export_tflite(out_dir, kind, representative, parity, reference)
+    _relative_to_fp32(report["formats"])
 
     (out_dir / PARITY).write_text(json.dumps(report, indent=2))
     (out_dir / LABELS).write_text(json.dumps(labels_json(image_size, resize_method, temperature, model_version), indent=2))
@@ -276,6 +240,74 @@ def export_model(
         )
     return report
 
+
+def _check_request(out_dir: Path, tflite: Sequence[str], representative: Optional[np.ndarray]) -> None:
+    """Refuse an unknown format, int8_full without calibration images, or an ``out_dir`` that is not an export."""
+    unknown = [kind for kind in tflite if kind not in TFLITE_KINDS]
+    if unknown:
+        raise ExportError(f"unknown export.tflite kind(s) {unknown}; choose from {', '.join(TFLITE_KINDS)}")
+    if "int8_full" in tflite and (representative is None or not len(representative)):
+        raise ExportError("export.tflite int8_full needs representative images (from the train split)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / CHECKSUMS).is_file():
+            raise ExportError(f"{out_dir} exists and is not an export folder (no {CHECKSUMS}); refusing to replace it")
+        shutil.rmtree(out_dir)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """The images every format is compared on, against the Keras model, and the bar a format must clear."""
+
+    images: np.ndarray  # uint8 [N, S, S, 3]
+    labels: Optional[np.ndarray]  # class indices, or None (random pixels)
+    min_agreement: float
+    latency_runs: int
+
+    def reference(self, serving: keras.Model) -> np.ndarray:
+        return np.asarray(serving.predict(self.images.astype(np.float32), batch_size=32, verbose=0))
+
+    def check(self, reference: np.ndarray, predict: Any) -> dict[str, Any]:
+        """Agreement with the reference, then batch-1 latency."""
+        result = compare(reference, predict(self.images), self.labels)
+        result["latency_ms"] = batch1_latency_ms(predict, self.images[0], self.latency_runs)
+        return result
+
+
+def _export_tflite(
+    out_dir: Path, kind: str, representative: Optional[np.ndarray], parity: Parity, reference: np.ndarray
+) -> dict[str, Any]:
+    """Convert one TFLite format, check it, and write it only if it holds up; return its parity entry."""
+    started = time.perf_counter()
+    content = convert_tflite(out_dir / SAVED_MODEL, kind, representative)
+    predict = tflite_predictor(content)
+    try:
+        result = parity.check(reference, predict)
+    except RuntimeError as err:  # a kernel that refuses its inputs, e.g. an int8 division by a zero
+        result = {"error": f"fails to run on the parity images: {str(err).splitlines()[0]}"}
+    result["bytes"] = len(content)
+    result["file"] = tflite_name(kind)
+    result["kept"] = not below_agreement({kind: result}, parity.min_agreement)
+    if "error" in result:
+        log.warning("tflite %s %s -- not kept", kind, result["error"])
+        return result
+    if result["kept"]:
+        (out_dir / tflite_name(kind)).write_bytes(content)
+    log.info(
+        "tflite %s: %.2f MB, top-1 agreement %.4f, max |diff| %.2g%s (%.1f s)",
+        kind, len(content) / 1e6, result["top1_agreement"], result["max_abs_diff"],
+        "" if result["kept"] else " -- below export.min_agreement, not kept", time.perf_counter() - started,
+    )
+    return result
+
+
+def _relative_to_fp32(formats: dict[str, dict[str, Any]]) -> None:
+    """Each format's size and latency as ratios to TFLite fp32 (ratios are what survive noisy timings)."""
+    fp32 = formats.get("tflite_fp32")
+    for result in formats.values():
+        if fp32 and "bytes" in result:
+            result["size_vs_fp32"] = round(result["bytes"] / fp32["bytes"], 4)
+        if fp32 and fp32.get("latency_ms") and result.get("latency_ms"):
+            result["latency_vs_tflite_fp32"] = round(result["latency_ms"] / fp32["latency_ms"], 3)
 
 
 def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[Path] = None,

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from dermascan import cli
-from dermascan.config import IngestConfig, config_dir
+from dermascan.config import IngestConfig, MissingPolicy, SplitPolicy, config_dir
 from dermascan.data import demo, manifest
 from dermascan.data.images import check_images
 from dermascan.data.isic import (
@@ -90,7 +90,7 @@ def assign_splits(frame: pd.DataFrame, data: DictConfig) -> pd.Series:
     split = pd.Series(index=frame.index, dtype=object)
     rest = pd.Series(True, index=frame.index)
     fractions = {"train": 1.0 - val - test, "val": val, "test": test}
-    if data.split.value == "official":
+    if data.split == SplitPolicy.official:
         split[frame["source"].str.contains("isic2018_test")] = "test"
         split[frame["source"].str.contains("isic2018_val") & split.isna()] = "val"
         # A lesion already in the fixed test or val split keeps all its
@@ -114,7 +114,7 @@ def ingest(cfg: DictConfig) -> Ingested:
     root = Path(data.root)
     if data.demo is not None:
         demo.ensure(root, demo.DemoSpec(**OmegaConf.to_container(data.demo)))
-    releases = sorted((r.value for r in data.releases), key=RELEASE_ORDER.index)
+    releases = sorted((str(r) for r in data.releases), key=RELEASE_ORDER.index)
     if not root.is_dir():
         raise DataError(f"data.root {root} is not a directory; see README, 'Getting the data'")
     log.info("reading %s from %s", ", ".join(releases), root)
@@ -125,8 +125,8 @@ def ingest(cfg: DictConfig) -> Ingested:
         rows, dropped = read_ground_truth(root, RELEASES[name])
         per_release[name] = rows
         excluded += dropped
-    keep = frozenset({"isic2018_test"}) if data.split.value == "official" else frozenset()
-    merged = merge_labels(per_release, akiec=data.akiec.value, keep_unlabelled_akiec=keep)
+    keep = frozenset({"isic2018_test"}) if data.split == SplitPolicy.official else frozenset()
+    merged = merge_labels(per_release, akiec=str(data.akiec), keep_unlabelled_akiec=keep)
     excluded += merged.excluded
 
     frame = merged.labels.merge(read_metadata(root), on="image_id", how="left")
@@ -136,12 +136,12 @@ def ingest(cfg: DictConfig) -> Ingested:
     exists = frame["path"].map(os.path.isfile)
     if not exists.all():
         missing = frame.loc[~exists]
-        if data.missing.value == "error":
+        if data.missing == MissingPolicy.error:
             raise DataError(_missing_message(root, list(missing["path"]), releases))
         excluded += [Excluded(i, "missing file", s) for i, s in zip(missing["image_id"], missing["source"])]
         frame = frame[exists].reset_index(drop=True)
 
-    reasons = check_images(frame["path"], mode=data.verify.value, workers=data.workers)
+    reasons = check_images(frame["path"], mode=str(data.verify), workers=data.workers)
     bad = pd.Series([r is not None for r in reasons], index=frame.index)
     excluded += [
         Excluded(i, reason, s)

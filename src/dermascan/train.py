@@ -66,7 +66,7 @@ from dermascan.modeling.fit import (
     steps_for,
 )
 from dermascan.modeling.inputs import PipelineSpec, make_inputs, naming_broken_files
-from dermascan.modeling.model import build_model, inference_model
+from dermascan.modeling.model import build_model, freeze_bn_of, inference_model
 from dermascan.rundir import Run
 
 log = logging.getLogger("dermascan.train")
@@ -242,21 +242,14 @@ def prepare_fitting(
     callbacks: Sequence[keras.callbacks.Callback], tracked: bool,
 ) -> Fitting:
     """The model (built in the strategy's scope) and everything run_phases needs."""
-    model_cfg = cfg.model
-    freeze_bn = model_cfg.freeze_bn if model_cfg.freeze_bn is not None else model_cfg.weights is not None
     augmentation = IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if pipelines.augment_in_model else None
     with strategy.scope():
-        model, base = build_model(
-            backbone=model_cfg.backbone, image_size=model_cfg.image_size, weights=model_cfg.weights,
-            alpha=model_cfg.alpha, units=list(model_cfg.head.units), dropout=list(model_cfg.head.dropout),
-            augmentation=augmentation, freeze_bn=freeze_bn, bn_momentum=model_cfg.bn_momentum,
-            color_constancy=model_cfg.color_constancy, sog_power=model_cfg.sog_power,
-        )
+        model, base = build_model(cfg.model, augmentation=augmentation)
     jit = cfg.train.jit_compile
     if jit == "auto":  # XLA pays off on a GPU; on a CPU its compile time dominates short runs
         jit = bool(tf.config.list_physical_devices("GPU"))
     epoch_metrics = [tracking.EpochMetrics()] if tracked else []
-    return Fitting(model, base, pipelines.inputs, cfg.train, run_dir, jit_compile=jit, freeze_bn=freeze_bn,
+    return Fitting(model, base, pipelines.inputs, cfg.train, run_dir, jit_compile=jit, freeze_bn=freeze_bn_of(cfg.model),
                    callbacks=[*epoch_metrics, *callbacks])
 
 

@@ -161,29 +161,9 @@ def classification_metrics(
     """
     k = len(classes)
     y_true, probabilities = _check(y_true, probabilities, k)
-    y_pred = probabilities.argmax(axis=1)
-    matrix = confusion_matrix(y_true, y_pred, labels=list(range(k)))
-    support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    tp = np.diag(matrix)
-    fn = support - tp
-    fp = predicted - tp
-    tn = matrix.sum() - tp - fn - fp
-
-    per_class = {}
-    for i, code in enumerate(classes):
-        per_class[code] = {
-            "support": int(support[i]),
-            "auc": _auc(y_true == i, probabilities[:, i]),
-            "sensitivity": _ratio(tp[i], support[i]),
-            "specificity": _ratio(tn[i], tn[i] + fp[i]),
-            "ppv": _ratio(tp[i], tp[i] + fp[i]),
-            "npv": _ratio(tn[i], tn[i] + fn[i]),
-            "f1": _ratio(2 * tp[i], 2 * tp[i] + fp[i] + fn[i]),
-            "sensitivity_at_specificity": sensitivity_at_specificity(
-                y_true == i, probabilities[:, i], specificities
-            ),
-        }
+    matrix = confusion_matrix(y_true, probabilities.argmax(axis=1), labels=list(range(k)))
+    support, tp = matrix.sum(axis=1), np.diag(matrix)
+    per_class = _per_class(matrix, y_true, probabilities, classes, specificities)
 
     def mean(key: str) -> float | None:
         values = [v[key] for v in per_class.values() if v[key] is not None]
@@ -201,6 +181,29 @@ def classification_metrics(
         "confusion_matrix": matrix.tolist(),
         "classes": list(classes),
         "specificities": [float(s) for s in specificities],
+    }
+
+
+def _per_class(
+    matrix: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+    specificities: Sequence[float],
+) -> dict[str, dict[str, Any]]:
+    """One-vs-rest figures of each class from the confusion matrix, and its threshold-free ones."""
+    support, predicted, tp = matrix.sum(axis=1), matrix.sum(axis=0), np.diag(matrix)
+    fn, fp = support - tp, predicted - tp
+    tn = matrix.sum() - tp - fn - fp
+    return {
+        code: {
+            "support": int(support[i]),
+            "auc": _auc(y_true == i, probabilities[:, i]),
+            "sensitivity": _ratio(tp[i], support[i]),
+            "specificity": _ratio(tn[i], tn[i] + fp[i]),
+            "ppv": _ratio(tp[i], tp[i] + fp[i]),
+            "npv": _ratio(tn[i], tn[i] + fn[i]),
+            "f1": _ratio(2 * tp[i], 2 * tp[i] + fp[i] + fn[i]),
+            "sensitivity_at_specificity": sensitivity_at_specificity(y_true == i, probabilities[:, i], specificities),
+        }
+        for i, code in enumerate(classes)
     }
 
 

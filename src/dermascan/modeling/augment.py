@@ -264,7 +264,7 @@ class IDGAugmentation(keras.layers.Layer):
     """The fast engine as a layer, so that it runs on the accelerator.
 
     Active only when ``training`` is true; at inference it is the identity.
-    Used with ``augment.device=model``: the input pipeline then only decodes.
+    Used with ``augment.device=accelerator`` (or auto on a GPU): the input pipeline then only decodes.
     """
 
     def __init__(self, params: Mapping[str, Any] | None = None, seed: int = 0, **kwargs: Any) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import keras
 
@@ -97,23 +97,21 @@ def build_backbone(name: str, image_size: int, weights: Optional[str], alpha: fl
         raise WeightsError(f"could not load model.weights={weights} into {name}: {err}") from None
 
 
-def build_model(
-    backbone: str = "mobilenet_v2",
-    image_size: int = 224,
-    weights: Optional[str] = "imagenet",
-    alpha: float = 1.0,
-    units: Sequence[int] = (512, 256),
-    dropout: Sequence[float] = (0.4, 0.3),
-    augmentation: Optional[keras.layers.Layer] = None,
-    freeze_bn: Optional[bool] = None,
-    bn_momentum: Optional[float] = None,
-    num_classes: int = len(CODES),
-    color_constancy: str = "none",
-    sog_power: float = 6.0,
-) -> tuple[keras.Model, keras.Model]:
-    """Return (model, backbone). The backbone starts frozen (phase 1).
+def freeze_bn_of(model_cfg: Mapping[str, Any]) -> bool:
+    """``model.freeze_bn`` resolved: null means true with pretrained weights, false from scratch."""
+    freeze_bn = model_cfg["freeze_bn"]
+    return model_cfg["weights"] is not None if freeze_bn is None else bool(freeze_bn)
 
-    ``freeze_bn`` (default: True unless ``weights`` is None) calls the
+
+def build_model(
+    model_cfg: Mapping[str, Any],
+    *,
+    augmentation: Optional[keras.layers.Layer] = None,
+    num_classes: int = len(CODES),
+) -> tuple[keras.Model, keras.Model]:
+    """Return (model, backbone) from the validated ``model`` group. The backbone starts frozen (phase 1).
+
+    ``model.freeze_bn`` (null: true unless ``weights`` is null) calls the
     backbone with ``training=False`` (see ``unfreeze`` for the part that
     Keras 3 needs on top). Frozen statistics suit pretrained weights; a
     backbone trained from scratch has no statistics worth keeping, and its
@@ -122,12 +120,16 @@ def build_model(
     too slow for moving statistics to settle in a short run from scratch).
     ``color_constancy="shades_of_gray"`` normalises each image's colour
     (``dermascan.modeling.color``) after augmentation, before the backbone.
+    ``augmentation``: a layer (IDGAugmentation) run first, in training only.
     """
+    backbone, image_size, weights = model_cfg["backbone"], int(model_cfg["image_size"]), model_cfg["weights"]
+    units, dropout = list(model_cfg["head"]["units"]), list(model_cfg["head"]["dropout"])
+    color_constancy, bn_momentum = str(model_cfg["color_constancy"]), model_cfg["bn_momentum"]
     if color_constancy not in COLOR_CONSTANCY:
         raise ConfigError(f"model.color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got {color_constancy!r}")
     if len(units) != len(dropout):
-        raise ConfigError(f"model.head.units and model.head.dropout differ in length: {list(units)} vs {list(dropout)}")
-    base = build_backbone(backbone, image_size, weights, alpha)
+        raise ConfigError(f"model.head.units and model.head.dropout differ in length: {units} vs {dropout}")
+    base = build_backbone(backbone, image_size, weights, model_cfg["alpha"])
     base.trainable = False
     if bn_momentum is not None:
         for layer in base.layers:
@@ -138,13 +140,11 @@ def build_model(
     if augmentation is not None:
         x = augmentation(x)
     if color_constancy == "shades_of_gray":
-        x = ShadesOfGray(sog_power, name="shades_of_gray")(x)
+        x = ShadesOfGray(float(model_cfg["sog_power"]), name="shades_of_gray")(x)
     preprocessing = BACKBONES[backbone].preprocessing()
     if preprocessing is not None:
         x = preprocessing(x)
-    if freeze_bn is None:
-        freeze_bn = weights is not None
-    x = base(x, training=False) if freeze_bn else base(x)
+    x = base(x, training=False) if freeze_bn_of(model_cfg) else base(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     for i, (width, rate) in enumerate(zip(units, dropout), start=1):
         x = keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")(x)

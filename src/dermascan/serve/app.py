@@ -38,11 +38,13 @@ import functools
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -287,6 +289,16 @@ async def read_upload(request: Request, limit: int) -> bytes:
 # ---------------------------------------------------------------- the app
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one upload may cost: its bytes, its decoded pixels, and how many decode at once."""
+
+    max_upload_bytes: int
+    max_pixels: int
+    draft_factor: int | None
+    decoders: anyio.CapacityLimiter
+
+
 def create_app(
     export_dir: str | Path,
     runtime: str = "tflite",
@@ -318,91 +330,111 @@ def create_app(
     app.state.model = model
     app.state.problem = problem
     # Decoding a big image holds up to max_pixels x 4 bytes: bound how many run at once (default: one per CPU).
-    decoders = anyio.CapacityLimiter(max_decoders or os.cpu_count() or 2)
+    app.state.limits = Limits(max_upload_bytes, max_pixels, draft_factor,
+                              anyio.CapacityLimiter(max_decoders or os.cpu_count() or 2))
     app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_SLACK)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        code = getattr(err, "code", None) or REASONS.get(err.status_code, "error")
-        if err.status_code < 500:
-            log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status_code, code, err.detail)
-        headers = dict(err.headers or {})
-        if err.status_code == 413:
-            headers["Connection"] = "close"
-        return error_response(err.status_code, code, str(err.detail), headers or None)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        return error_response(422, "unprocessable", str(err.errors()))
-
-    @app.exception_handler(ImageError)
-    async def image_error(request: Request, err: ImageError) -> JSONResponse:
-        log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status, err.code, err)
-        return error_response(err.status, err.code, str(err))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return error_response(500, "internal_error", "the server failed to answer this request; it has been logged")
-
-    def served() -> ServedModel:
-        if app.state.model is None:
-            raise ServiceError(503, f"no model is loaded: {app.state.problem}", "model_unavailable")
-        return app.state.model
-
-    @app.get("/health", response_model=Health, responses={503: {"model": Health}}, tags=["service"])
-    async def health() -> JSONResponse:
-        """200 when the model is loaded and its MANIFEST.sha256 verified at start-up, else 503."""
-        current = app.state.model
-        if current is None:
-            return JSONResponse({"status": "unavailable", "error": "model_unavailable", "detail": app.state.problem},
-                                status_code=503)
-        return JSONResponse({"status": "ok", "model_version": current.model_version, "runtime": current.runtime,
-                             "files_verified": current.files_verified})
-
-    @app.get("/v1/classes", response_model=list[LesionClassOut], responses={503: ERRORS[503]}, tags=["model"])
-    async def classes() -> list[dict]:
-        """The classes the model ranks, in its output order."""
-        return [{k: c[k] for k in ("index", "code", "name", "description", "category")} for c in served().classes]
-
-    @app.get("/v1/model", responses={503: ERRORS[503]}, tags=["model"])
-    async def model_summary() -> dict:
-        """What is served: versions, runtime, input size, classes, the model card and the parity report."""
-        return await run_in_threadpool(served().summary)
-
-    @app.post("/v1/predict", response_model=Prediction, responses=ERRORS, openapi_extra=UPLOAD_BODY, tags=["predict"])
-    async def predict(request: Request) -> dict:
-        """Rank every class for one photo (multipart field 'file', or a raw image/* body)."""
-        started = time.perf_counter()
-        current = served()
-        data = await read_upload(request, max_upload_bytes)
-        decode = functools.partial(prepare_image, data, current.image_size, current.resize_method,
-                                   max_pixels=max_pixels, draft_factor=draft_factor)
-        prepared = await anyio.to_thread.run_sync(decode, limiter=decoders)
-        probabilities = await run_in_threadpool(current.probabilities, prepared.pixels)
-        order = sorted(range(len(current.classes)), key=lambda i: (-float(probabilities[i]), i))
-        ranked = [
-            {"code": current.classes[i]["code"], "name": current.classes[i]["name"], "probability": float(probabilities[i])}
-            for i in order
-        ]
-        best = current.classes[order[0]]
-        latency_ms = round(1000 * (time.perf_counter() - started), 3)
-        log.debug("predict: %s %.3f in %.1f ms", best["code"], ranked[0]["probability"], latency_ms)
-        return {
-            "predictions": ranked,
-            "top": {**ranked[0], "category": best["category"], "description": best["description"]},
-            "disclaimer": current.disclaimer,
-            "model_version": current.model_version,
-            "version": __version__,
-            "runtime": current.runtime,
-            "latency_ms": latency_ms,
-            "image": {
-                "format": prepared.format,
-                "width": prepared.width,
-                "height": prepared.height,
-                "orientation": prepared.orientation,
-                "draft_scale": prepared.draft_scale,
-            },
-        }
-
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ImageError, image_error)
+    app.add_exception_handler(Exception, unexpected)
+    app.include_router(router)
     return app
+
+
+async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+    code = getattr(err, "code", None) or REASONS.get(err.status_code, "error")
+    if err.status_code < 500:
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status_code, code, err.detail)
+    headers = dict(err.headers or {})
+    if err.status_code == 413:
+        headers["Connection"] = "close"
+    return error_response(err.status_code, code, str(err.detail), headers or None)
+
+
+async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    return error_response(422, "unprocessable", str(err.errors()))
+
+
+async def image_error(request: Request, err: ImageError) -> JSONResponse:
+    log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status, err.code, err)
+    return error_response(err.status, err.code, str(err))
+
+
+async def unexpected(request: Request, err: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return error_response(500, "internal_error", "the server failed to answer this request; it has been logged")
+
+
+router = APIRouter()
+
+
+def served(request: Request) -> ServedModel:
+    """The app's model, or 503 when none could be loaded."""
+    state = request.app.state
+    if state.model is None:
+        raise ServiceError(503, f"no model is loaded: {state.problem}", "model_unavailable")
+    return state.model
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}}, tags=["service"])
+async def health(request: Request) -> JSONResponse:
+    """200 when the model is loaded and its MANIFEST.sha256 verified at start-up, else 503."""
+    current = request.app.state.model
+    if current is None:
+        return JSONResponse({"status": "unavailable", "error": "model_unavailable", "detail": request.app.state.problem},
+                            status_code=503)
+    return JSONResponse({"status": "ok", "model_version": current.model_version, "runtime": current.runtime,
+                         "files_verified": current.files_verified})
+
+
+@router.get("/v1/classes", response_model=list[LesionClassOut], responses={503: ERRORS[503]}, tags=["model"])
+async def classes(request: Request) -> list[dict]:
+    """The classes the model ranks, in its output order."""
+    return [{k: c[k] for k in ("index", "code", "name", "description", "category")} for c in served(request).classes]
+
+
+@router.get("/v1/model", responses={503: ERRORS[503]}, tags=["model"])
+async def model_summary(request: Request) -> dict:
+    """What is served: versions, runtime, input size, classes, the model card and the parity report."""
+    return await run_in_threadpool(served(request).summary)
+
+
+@router.post("/v1/predict", response_model=Prediction, responses=ERRORS, openapi_extra=UPLOAD_BODY, tags=["predict"])
+async def predict(request: Request) -> dict:
+    """Rank every class for one photo (multipart field 'file', or a raw image/* body)."""
+    started = time.perf_counter()
+    current, limits = served(request), request.app.state.limits
+    data = await read_upload(request, limits.max_upload_bytes)
+    decode = functools.partial(prepare_image, data, current.image_size, current.resize_method,
+                               max_pixels=limits.max_pixels, draft_factor=limits.draft_factor)
+    prepared = await anyio.to_thread.run_sync(decode, limiter=limits.decoders)
+    probabilities = await run_in_threadpool(current.probabilities, prepared.pixels)
+    return prediction(current, prepared, probabilities, started)
+
+
+def prediction(current: ServedModel, prepared: Any, probabilities: Any, started: float) -> dict:
+    """The /v1/predict response: every class ranked, the top one described, and how the image was read."""
+    order = sorted(range(len(current.classes)), key=lambda i: (-float(probabilities[i]), i))
+    ranked = [
+        {"code": current.classes[i]["code"], "name": current.classes[i]["name"], "probability": float(probabilities[i])}
+        for i in order
+    ]
+    best = current.classes[order[0]]
+    latency_ms = round(1000 * (time.perf_counter() - started), 3)
+    log.debug("predict: %s %.3f in %.1f ms", best["code"], ranked[0]["probability"], latency_ms)
+    return {
+        "predictions": ranked,
+        "top": {**ranked[0], "category": best["category"], "description": best["description"]},
+        "disclaimer": current.disclaimer,
+        "model_version": current.model_version,
+        "version": __version__,
+        "runtime": current.runtime,
+        "latency_ms": latency_ms,
+        "image": {
+            "format": prepared.format,
+            "width": prepared.width,
+            "height": prepared.height,
+            "orientation": prepared.orientation,
+            "draft_scale": prepared.draft_scale,
+        },
+    }
