@@ -19,6 +19,28 @@ ISIC_CSVS = SHARED / "isic"
 SAMPLE_IMAGES = SHARED / "isic-sample" / "images"
 
 
+# A test that uses one of these fixtures (directly or through another) trains or
+# exports a model first: it belongs to the integration tier.
+INTEGRATION_FIXTURES = frozenset({"debug_run", "exported", "mlflow_server", "synthesized", "isolated_kernel"})
+INTEGRATION_MODULES = frozenset({"test_main_job", "test_notebook", "test_packaging", "test_infra", "test_real_recipe"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the integration tier: ``python -m pytest -m "not integration"`` is the unit tier (under 2 minutes).
+
+    Slow tests are integration tests too, so that ``-m "not integration"``
+    (which replaces the default ``-m 'not slow'``) still leaves them out.
+    """
+    for item in items:
+        heavy = (
+            item.get_closest_marker("slow") is not None
+            or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES
+        )
+        if heavy:
+            item.add_marker(pytest.mark.integration)
+
+
 def compose_config(name: str, overrides: list[str], schema: type) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with overrides and validate it, as the entry points do."""
     return config.compose(name, schema, overrides)

@@ -99,6 +99,7 @@ def test_recover_reads_a_known_transform_back():
         assert found[key] == pytest.approx(value, abs=0.02 * max(1.0, abs(value))), key
 
 
+@pytest.mark.integration
 def test_idg_itself_draws_within_its_ranges_and_shear_is_degrees():
     """Pins the legacy engine's meaning: IDG's shear_range is in degrees."""
     generator = ImageDataGenerator(**AugmentParams.from_config(RANGES).idg_kwargs())

@@ -67,6 +67,7 @@ def test_removes_a_colour_cast_and_keeps_brightness() -> None:
     assert keras.ops.convert_to_numpy(layer(black)).max() == 0.0
 
 
+@pytest.mark.integration
 def test_is_part_of_the_model_and_survives_saving(tmp_path: Path) -> None:
     model, _ = build_model(model_config(image_size=32, weights=None, alpha=0.35, units=[8], dropout=[0.1],
                            color_constancy="shades_of_gray", sog_power=6.0))
@@ -82,6 +83,7 @@ def test_is_part_of_the_model_and_survives_saving(tmp_path: Path) -> None:
     np.testing.assert_allclose(corrected, want, atol=0.05)
 
 
+@pytest.mark.integration
 def test_exported_formats_apply_the_same_normalisation(sample_pixels, tmp_path):
     """SavedModel and TFLite run the layer as Keras does, so the service and the phone see what training saw."""
     from dermascan.export import export_model

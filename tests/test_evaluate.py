@@ -49,6 +49,7 @@ def sample_frame(jpegs: list[Path], n: int) -> pd.DataFrame:
                          "label": ["NV"] * n})
 
 
+@pytest.mark.integration
 def test_tta_averages_the_flipped_and_rotated_views(tiny_model, sample_jpegs, tmp_path):
     frame = sample_frame(sample_jpegs, 6)
     cache = {"dir": str(tmp_path / "cache"), "size": 32, "method": "bilinear", "quality": 95, "workers": 2}
@@ -116,6 +117,7 @@ def test_report_names_top1_accuracy_and_keras_binary_accuracy_apart():
     assert report.index("balanced accuracy") < report.index("top-1 accuracy")  # the official metric leads
 
 
+@pytest.mark.integration
 def test_exported_model_plus_manifest_reevaluates_with_and_without_tta(debug_run, tmp_path):
     cfg, _, _ = debug_run
     run_dir = Path(cfg.run_dir)

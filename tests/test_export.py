@@ -63,6 +63,7 @@ def test_quantised_sizes_and_latencies_are_reported_against_fp32(exported):
     assert json.loads((out_dir / "parity.json").read_text()) == json.loads(json.dumps(report))
 
 
+@pytest.mark.integration
 def test_preprocessing_is_inside_the_savedmodel_uint8_and_float_endpoints(exported, sample_pixels):
     _, out_dir, _ = exported
     images = sample_pixels[0][:16]
@@ -121,6 +122,7 @@ def test_parity_gate_names_the_formats_below_the_threshold():
     assert below_agreement(formats, 0.95) == []
 
 
+@pytest.mark.integration
 def test_a_format_that_fails_to_run_is_not_kept_and_named(tmp_path, sample_pixels, monkeypatch):
     """A TFLite kernel can refuse its inputs at run time (int8 DIV by a zero): an ExportError, not a traceback."""
     import dermascan.export as export
@@ -165,6 +167,7 @@ def test_export_refuses_unknown_kinds_and_int8_full_without_representative_image
     assert (precious / "checkpoints").is_dir()
 
 
+@pytest.mark.integration
 def test_registered_model_loads_from_the_registry_and_runs(exported, tmp_path, sample_pixels):
     model, _, _ = exported
     settings = OmegaConf.create({"log_model": True, "register": True, "model_name": "dermascan-test"})

@@ -57,6 +57,7 @@ def test_largest_class_share_counts_the_argmax():
     assert float(metric.result()) == 1.0
 
 
+@pytest.mark.integration
 def test_frozen_head_bn_keeps_its_statistics_while_the_backbone_fine_tunes():
     keras.utils.set_random_seed(0)
     model, base = build_model(model_config(image_size=32, weights=None, alpha=0.35, units=[8, 8], dropout=[0.0, 0.0]))

@@ -97,6 +97,7 @@ def real_ingest(real_layout, tmp_path_factory):
     return ingest(cfg)
 
 
+@pytest.mark.integration
 def test_full_union_ingests_to_the_expected_manifest(real_ingest):
     manifest = real_ingest.manifest
     assert len(manifest) == 26985 and manifest["image_id"].is_unique
@@ -155,6 +156,7 @@ def test_grouped_split_is_seeded(real_ingest, real_layout, tmp_path):
     assert (assign_splits(manifest, cfg.data) != manifest["split"]).any()
 
 
+@pytest.mark.integration
 def test_official_split_end_to_end(isic_csvs, sample_jpegs, tmp_path):
     releases = ["isic2018_train", "isic2018_val", "isic2018_test"]
     root = stand_in_layout(tmp_path / "raw", isic_csvs, sample_jpegs, releases)

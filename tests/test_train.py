@@ -86,6 +86,7 @@ def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
     assert len(models) == 1 and models[0].source_run_id == run.info.run_id
 
 
+@pytest.mark.integration
 def test_image_broken_in_the_cache_stops_training_naming_the_file(tmp_path):
     from dermascan.errors import DataError
     from dermascan.ingest import ingest
@@ -133,6 +134,7 @@ class Epochs(keras.callbacks.Callback):
 
 
 # inside phase 2 (default run), and at the end of phase 1 (slow: the same code path, one more pair of runs)
+@pytest.mark.integration
 @pytest.mark.parametrize("k", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_at_the_next_epoch(tmp_path, k):
     cfg = debug_config(tmp_path, "train.phase1.epochs=2", "train.phase2.epochs=2")
@@ -172,6 +174,7 @@ class BackboneWatcher(keras.callbacks.Callback):
         self.snapshots.append((self._begin, self._weights()))
 
 
+@pytest.mark.integration
 def test_freezing_phase1_keeps_backbone_phase2_tunes_it_but_not_bn_statistics(tmp_path):
     cfg = debug_config(tmp_path, "model.freeze_bn=true", "tracking.enabled=false", "train.phase2.unfreeze_from=-20")
     watcher = BackboneWatcher()
@@ -191,6 +194,7 @@ def test_freezing_phase1_keeps_backbone_phase2_tunes_it_but_not_bn_statistics(tm
     assert statistics and all(np.array_equal(begin2[k], end2[k]) for k in statistics)
 
 
+@pytest.mark.integration
 def test_local_weights_file_is_loaded(tmp_path):
     from dermascan.modeling.model import build_backbone, build_model
 
@@ -219,6 +223,7 @@ def test_imagenet_download_failure_names_the_alternatives(monkeypatch):
         build_backbone("mobilenet_v2", 96, "imagenet", alpha=0.35)
 
 
+@pytest.mark.integration
 def test_other_backbone_builds_with_preprocessing_inside():
     from dermascan.modeling.model import build_model
 

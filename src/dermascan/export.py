@@ -206,14 +206,7 @@ def export_model(
         parity_labels = None
     parity = Parity(np.asarray(parity_images, np.uint8), parity_labels, min_agreement, latency_runs)
     reference = parity.reference(serving)
-    report: dict[str, Any] = {
-        "n_images": int(len(parity.images)),
-        "source": "test split" if parity_labels is not None else "random pixels (no test images given)",
-        "min_agreement": min_agreement,
-        "formats": {},
-    }
-    if parity_labels is not None:
-        report["keras_balanced_accuracy"] = classification_metrics(parity_labels, reference)["balanced_accuracy"]
+    report = parity.report(reference)
 
     started = time.perf_counter()
     serving.save(out_dir / KERAS_MODEL)
@@ -265,6 +258,18 @@ class Parity:
 
     def reference(self, serving: keras.Model) -> np.ndarray:
         return np.asarray(serving.predict(self.images.astype(np.float32), batch_size=32, verbose=0))
+
+    def report(self, reference: np.ndarray) -> dict[str, Any]:
+        """parity.json, before any format is checked."""
+        report: dict[str, Any] = {
+            "n_images": int(len(self.images)),
+            "source": "test split" if self.labels is not None else "random pixels (no test images given)",
+            "min_agreement": self.min_agreement,
+            "formats": {},
+        }
+        if self.labels is not None:
+            report["keras_balanced_accuracy"] = classification_metrics(self.labels, reference)["balanced_accuracy"]
+        return report
 
     def check(self, reference: np.ndarray, predict: Any) -> dict[str, Any]:
         """Agreement with the reference, then batch-1 latency."""

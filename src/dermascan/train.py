@@ -143,7 +143,7 @@ def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -
         data = prepare_data(cfg, run_dir)
         pipelines = prepare_pipelines(cfg, data, strategy.num_replicas_in_sync, policy)
         with tracking.run(cfg, run_dir, run_name(cfg, run_dir)) as run_id:
-            fitting = prepare_fitting(cfg, run_dir, strategy, data, pipelines, callbacks, tracked=run_id is not None)
+            fitting = prepare_fitting(cfg, run_dir, strategy, pipelines, callbacks=callbacks, tracked=run_id is not None)
             with strategy.scope(), naming_broken_files(data.cached_paths(cfg)):
                 state = run_phases(fitting)
             summary, failure = _evaluate_and_export(cfg, run_dir, data, fitting.model, state, started)
@@ -238,7 +238,7 @@ def prepare_pipelines(cfg: DictConfig, data: RunData, replicas: int, policy: str
 
 
 def prepare_fitting(
-    cfg: DictConfig, run_dir: Path, strategy: tf.distribute.Strategy, data: RunData, pipelines: Pipelines,
+    cfg: DictConfig, run_dir: Path, strategy: tf.distribute.Strategy, pipelines: Pipelines, *,
     callbacks: Sequence[keras.callbacks.Callback], tracked: bool,
 ) -> Fitting:
     """The model (built in the strategy's scope) and everything run_phases needs."""
