@@ -58,7 +58,8 @@ def make_export(out: Path, image_size: int, alpha: float) -> None:
     started = time.perf_counter()
     overrides = ["run_dir=unused", "~experiment", f"model.image_size={image_size}", "model.weights=null", f"model.alpha={alpha}"]
     model, _ = build_model(compose("train", RunConfig, overrides).model)
-    export_model(model, out, image_size=image_size, tflite=("fp32",), latency_runs=20)
+    export_model(model, out, image_size=image_size, tflite=("fp32",), resize_method="bilinear", min_agreement=0.99,
+                 latency_runs=20)
     log.info("exported a %d-px alpha %g model to %s in %.1f s", image_size, alpha, out, time.perf_counter() - started)
 
 

@@ -59,7 +59,7 @@ def main() -> None:
         precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
     keras.mixed_precision.set_global_policy(precision)
     frame = sample_frame(REPO.parent / "shared/data/isic-sample/images", REPO.parent / "shared/data/isic/ISIC_2019_Training_GroundTruth.csv")
-    cfg = compose("train", RunConfig, ["run_dir=unused", "augment=default", f"model.image_size={args.size}",
+    cfg = compose("train", RunConfig, ["run_dir=unused", "~experiment", "augment=default", f"model.image_size={args.size}",
                                        "model.weights=null", f"model.alpha={args.alpha}", "model.freeze_bn=true"])
     params = AugmentParams.from_config(cfg.augment)
     spec = PipelineSpec(image_size=args.size, batch_size=args.batch, seed=0)

@@ -26,7 +26,7 @@ INTEGRATION_MODULES = frozenset({"test_main_job", "test_notebook", "test_packagi
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the integration tier: ``python -m pytest -m "not integration"`` is the unit tier (under 2 minutes).
+    """Mark the integration tier: ``python -m pytest -m "not integration"`` is the unit tier (about a minute on 2 cores).
 
     Slow tests are integration tests too, so that ``-m "not integration"``
     (which replaces the default ``-m 'not slow'``) still leaves them out.
@@ -168,7 +168,7 @@ def exported(sample_pixels, tmp_path_factory):
     with_real_statistics(model, base, images)
     out_dir = tmp_path_factory.mktemp("export") / "export"
     report = export_model(
-        model, out_dir, image_size=EXPORT_SIZE, tflite=TFLITE_KINDS, temperature=1.7,
+        model, out_dir, image_size=EXPORT_SIZE, tflite=TFLITE_KINDS, resize_method="bilinear", temperature=1.7,
         parity_images=images, parity_labels=labels, representative=images[::4],
         min_agreement=0.0, latency_runs=10, card="# tiny test model\n\nNot trained; not a diagnosis.\n",
     )

@@ -97,7 +97,7 @@ def test_exported_formats_apply_the_same_normalisation(sample_pixels, tmp_path):
                               bn_momentum=0.0, color_constancy="shades_of_gray"))
     with_real_statistics(model, base, images)
     out_dir = tmp_path / "export"
-    report = export_model(model, out_dir, image_size=EXPORT_SIZE, tflite=["fp32"], parity_images=images[:64],
+    report = export_model(model, out_dir, image_size=EXPORT_SIZE, tflite=["fp32"], resize_method="bilinear", parity_images=images[:64],
                           parity_labels=labels[:64], min_agreement=0.99)
     reference = model.predict(images[:64].astype("float32"), verbose=0)
     np.testing.assert_allclose(load_predictor(out_dir, "savedmodel")(images[:64]), reference, atol=1e-5)

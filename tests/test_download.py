@@ -371,6 +371,9 @@ def test_fetch_returns_size_and_sha256(server: FakeISIC, tmp_path: Path) -> None
         tmp_path / "gt.csv",
         expected_size=len(body),
         sha256=digest.upper(),
+        timeout_s=5,
+        retries=2,
+        backoff_s=0,
         chunk_bytes=4096,
         progress=False,
     )
@@ -551,6 +554,7 @@ def _run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.integration
 def test_cli_downloads(server: FakeISIC, tmp_path: Path) -> None:
     dest = tmp_path / "isic"
     proc = _run_cli(
@@ -564,6 +568,7 @@ def test_cli_downloads(server: FakeISIC, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_cli_failure_exits_2_with_message(server: FakeISIC, tmp_path: Path) -> None:
     server.status["/2019/ISIC_2019_Training_Input.zip"] = 404
     proc = _run_cli(

@@ -145,7 +145,7 @@ def test_a_format_that_fails_to_run_is_not_kept_and_named(tmp_path, sample_pixel
                               keras.layers.Softmax()])
     out_dir = tmp_path / "export"
     with pytest.raises(ExportError, match=r"tflite_fp16: fails to run on the parity images: tflite/kernels/div\.cc"):
-        export_model(model, out_dir, image_size=SIZE, tflite=["fp32", "fp16"], parity_images=images[:16],
+        export_model(model, out_dir, image_size=SIZE, tflite=["fp32", "fp16"], resize_method="bilinear", min_agreement=0.99, parity_images=images[:16],
                      parity_labels=labels[:16])
     parity = json.loads((out_dir / "parity.json").read_text())["formats"]
     assert parity["tflite_fp32"]["kept"] and (out_dir / "model_fp32.tflite").is_file()
@@ -156,14 +156,14 @@ def test_a_format_that_fails_to_run_is_not_kept_and_named(tmp_path, sample_pixel
 def test_export_refuses_unknown_kinds_and_int8_full_without_representative_images(tmp_path):
     model = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(8)])
     with pytest.raises(ExportError, match="unknown export.tflite kind"):
-        export_model(model, tmp_path / "a", image_size=SIZE, tflite=["int4"])
+        export_model(model, tmp_path / "a", image_size=SIZE, tflite=["int4"], resize_method="bilinear", min_agreement=0.99)
     with pytest.raises(ExportError, match="representative"):
-        export_model(model, tmp_path / "b", image_size=SIZE, tflite=["int8_full"])
+        export_model(model, tmp_path / "b", image_size=SIZE, tflite=["int8_full"], resize_method="bilinear", min_agreement=0.99)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     precious = tmp_path / "run"
     (precious / "checkpoints").mkdir(parents=True)
     with pytest.raises(ExportError, match="not an export folder"):  # never rmtree a folder that is not an export
-        export_model(model, precious, image_size=SIZE, tflite=[])
+        export_model(model, precious, image_size=SIZE, tflite=[], resize_method="bilinear", min_agreement=0.99)
     assert (precious / "checkpoints").is_dir()
 
 

@@ -129,6 +129,7 @@ def test_missing_image_errors_by_default_and_is_recorded_with_skip(small_root, t
     assert len(result.manifest) == 233
 
 
+@pytest.mark.integration
 def test_ingest_cli_on_real_files_and_on_bad_input(small_root, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     base = [sys.executable, "-m", "dermascan.ingest", "data=isic", f"data.root={small_root}",

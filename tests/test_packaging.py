@@ -26,6 +26,8 @@ def test_wheel_ships_the_configs_and_ingest_runs_from_it(tmp_path):
     for config in ("ingest.yaml", "paths/default.yaml", "data/isic.yaml", "data/demo.yaml"):
         assert f"dermascan/configs/{config}" in names
     assert not any(name.startswith("configs/") for name in names)
+    modules = sorted(str(p.relative_to(REPO / "src")) for p in (REPO / "src/dermascan").rglob("*.py"))
+    assert [m for m in modules if m not in names] == [], "every module of src/ must ship in the wheel"
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

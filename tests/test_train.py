@@ -233,6 +233,7 @@ def test_other_backbone_builds_with_preprocessing_inside():
     assert base.name.startswith("efficientnetb0")
 
 
+@pytest.mark.integration
 def test_mixed_precision_keeps_softmax_float32():
     from dermascan.modeling.model import build_model
 
@@ -386,6 +387,7 @@ print("EPOCHS", metrics["epochs"])
     assert "EPOCHS {'phase1': 1, 'phase2': 0}" in result.stdout
 
 
+@pytest.mark.integration
 def test_keras_overrides_training_false_in_functional_models():
     """Pins the Keras 3 behaviour that model.unfreeze works around (keras-team/keras#20285)."""
     inner_in = keras.Input((4,))

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Optional
 
 from dermascan.errors import DermascanError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # --- run dir ---
 CONFIG = "config.yaml"
@@ -110,13 +111,15 @@ def write_state(run_dir: Path, state: dict[str, Any]) -> None:
     tmp.replace(Path(run_dir) / STATE)
 
 
-def read_history(run_dir: Path) -> pd.DataFrame:
+def read_history(run_dir: Path) -> "pd.DataFrame":
     """history.csv as a frame; empty when there is none yet.
 
     A run stopped before its first epoch ended leaves an empty file
     (CSVLogger opens it at the start of training): that is no history, not
     an error, so such a run resumes from the start.
     """
+    import pandas as pd  # here, not at the top: the serving path reads artifacts without pandas
+
     path = Path(run_dir) / HISTORY
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame()

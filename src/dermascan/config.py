@@ -171,6 +171,21 @@ class ColorConstancy(StrEnum):
     shades_of_gray = "shades_of_gray"
 
 
+class ClassWeight(StrEnum):
+    balanced = "balanced"  # scikit-learn's compute_class_weight("balanced")
+    none = "none"
+
+
+class Sampler(StrEnum):
+    shuffle = "shuffle"
+    balanced = "balanced"  # each class drawn with equal probability
+
+
+class MonitorMode(StrEnum):
+    min = "min"
+    max = "max"
+
+
 class Precision(StrEnum):
     auto = "auto"
     float32 = "float32"
@@ -320,14 +335,14 @@ class TrainConfig:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     label_smoothing: float = MISSING
-    class_weight: str = MISSING  # balanced or none
-    sampler: str = MISSING  # shuffle, or balanced (each batch draws the classes equally)
+    class_weight: ClassWeight = MISSING
+    sampler: Sampler = MISSING
     clipnorm: Optional[float] = MISSING  # Adam's per-variable gradient norm clipping; null: none
     weight_decay: float = MISSING  # Adam's decoupled weight decay (AdamW); 0: none
     ema_momentum: Optional[float] = MISSING  # validate and checkpoint an EMA of the weights; null: off
     collapse_share: float = MISSING  # a phase whose val predictions put this share on one class has collapsed
     monitor: str = MISSING
-    monitor_mode: str = MISSING
+    monitor_mode: MonitorMode = MISSING
     patience: int = MISSING
     precision: Precision = MISSING
     jit_compile: Any = MISSING  # auto, true or false
@@ -522,10 +537,6 @@ def _check_train(train: Any) -> None:
         raise ConfigError(
             f"train.phase2.warmup_epochs ({train.phase2.warmup_epochs}) exceeds train.phase2.epochs ({train.phase2.epochs})"
         )
-    if train.class_weight not in ("balanced", "none"):
-        raise ConfigError(f"train.class_weight must be balanced or none, got {train.class_weight!r}")
-    if train.sampler not in ("shuffle", "balanced"):
-        raise ConfigError(f"train.sampler must be shuffle or balanced, got {train.sampler!r}")
     if train.sampler == "balanced" and train.class_weight != "none":
         raise ConfigError(
             "train.sampler=balanced already draws the classes equally; with train.class_weight=balanced the rare "
@@ -539,8 +550,6 @@ def _check_train(train: Any) -> None:
         raise ConfigError(f"train.ema_momentum must be null or in (0, 1), got {train.ema_momentum}")
     if not 0.0 < train.collapse_share <= 1.0:
         raise ConfigError(f"train.collapse_share must be in (0, 1], got {train.collapse_share}")
-    if train.monitor_mode not in ("min", "max"):
-        raise ConfigError(f"train.monitor_mode must be min or max, got {train.monitor_mode!r}")
     if train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {train.batch_size}")
     if train.jit_compile not in ("auto", True, False):

@@ -74,7 +74,7 @@ class ExportError(DermascanError):
     """An export could not be written, or failed its parity check."""
 
 
-def labels_json(image_size: int, resize_method: str = "bilinear", temperature: Optional[float] = None,
+def labels_json(image_size: int, resize_method: str, temperature: Optional[float] = None,
                 model_version: Optional[str] = None) -> dict:
     return {
         "version": __version__,
@@ -179,13 +179,13 @@ def export_model(
     out_dir: Path,
     *,
     image_size: int,
-    tflite: Sequence[str] = TFLITE_KINDS,
-    resize_method: str = "bilinear",
+    tflite: Sequence[str],
+    resize_method: str,
+    min_agreement: float,
     temperature: Optional[float] = None,
     parity_images: Optional[np.ndarray] = None,
     parity_labels: Optional[np.ndarray] = None,
     representative: Optional[np.ndarray] = None,
-    min_agreement: float = 0.99,
     latency_runs: int = 0,
     model_version: Optional[str] = None,
     card: Optional[str] = None,
@@ -328,7 +328,7 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
     run_dir = run.run_dir
     out_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT
     image_size = int(run.cfg.model.image_size)
-    seed = int(run.cfg.get("seed", 0))
+    seed = int(run.cfg.seed)
     parity_rows = evaluation_rows(run.manifest, cfg.parity_split)
     parity_rows = sample_rows(parity_rows[parity_rows["label"].notna()], cfg.parity_samples, seed)
     parity_images = load_images(parity_rows, image_size, run.cache)
@@ -343,11 +343,11 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
     plain_cfg = OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True)
     log.info(
         "exporting to %s: SavedModel, .keras, TFLite %s; parity on %d %s images",
-        out_dir, list(cfg.tflite), len(parity_images), cfg.parity_split,
+        out_dir, [str(kind) for kind in cfg.tflite], len(parity_images), cfg.parity_split,
     )
     report = export_model(
-        model, out_dir, image_size=image_size, tflite=list(cfg.tflite),
-        resize_method=run.cfg.data.cache.method, temperature=temperature,
+        model, out_dir, image_size=image_size, tflite=[str(kind) for kind in cfg.tflite],
+        resize_method=str(run.cfg.data.cache.method), temperature=temperature,
         parity_images=parity_images, parity_labels=parity_rows["label"].map(INDEX).to_numpy(),
         representative=representative, min_agreement=cfg.min_agreement, latency_runs=cfg.latency_runs,
         model_version=version, card=model_card(plain_cfg, run.summary, metrics, version, temperature),

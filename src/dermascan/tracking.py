@@ -18,7 +18,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import keras
 import mlflow
@@ -191,13 +191,16 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def log_finished_run(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], served: keras.Model) -> Optional[str]:
+def log_finished_run(
+    cfg: DictConfig, run_dir: Path, summary: dict[str, Any], served: Callable[[], keras.Model]
+) -> Optional[str]:
     """Log a finished training run dir to the active MLflow run; return the registered model version, if any.
 
     The final val and test metrics (``summary`` as train wrote it to
     summary.json), the config (and Hydra's), every result file, the plots,
-    the export folder, and ``served``: the model as served, with the
-    temperature folded in.
+    the export folder (when export is enabled), and ``served()``: the model
+    as served, with the temperature folded in (built only when
+    ``tracking.log_model``).
     """
     if mlflow.active_run() is None:
         return None
@@ -209,6 +212,9 @@ def log_finished_run(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], se
     files = (MANIFEST_SUMMARY, CLASS_WEIGHTS, HISTORY, METRICS, REPORT, CALIBRATION, SUMMARY)
     log_artifacts([run_dir / name for name in files] + sorted(run_dir.glob("predictions*.csv")))
     log_artifacts([run_dir / PLOTS], artifact_path=PLOTS)
-    log_artifacts([run_dir / EXPORT], artifact_path=EXPORT)
+    if cfg.export.enabled:
+        log_artifacts([run_dir / EXPORT], artifact_path=EXPORT)
+    if not cfg.tracking.log_model:
+        return None
     size = int(cfg.model.image_size)
-    return log_model(served, np.zeros((1, size, size, 3), np.float32), cfg.tracking)
+    return log_model(served(), np.zeros((1, size, size, 3), np.float32), cfg.tracking)

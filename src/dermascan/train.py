@@ -142,11 +142,14 @@ def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -
     try:
         data = prepare_data(cfg, run_dir)
         pipelines = prepare_pipelines(cfg, data, strategy.num_replicas_in_sync, policy)
+        model, base = prepare_model(cfg, strategy, pipelines.augment_in_model)
         with tracking.run(cfg, run_dir, run_name(cfg, run_dir)) as run_id:
-            fitting = prepare_fitting(cfg, run_dir, strategy, pipelines, callbacks=callbacks, tracked=run_id is not None)
+            epoch_metrics = [tracking.EpochMetrics()] if run_id is not None else []
+            fitting = Fitting(model, base, pipelines.inputs, cfg.train, run_dir, jit_compile=jit_compile(cfg.train),
+                              freeze_bn=freeze_bn_of(cfg.model), callbacks=[*epoch_metrics, *callbacks])
             with strategy.scope(), naming_broken_files(data.cached_paths(cfg)):
                 state = run_phases(fitting)
-            summary, failure = _evaluate_and_export(cfg, run_dir, data, fitting.model, state, started)
+            summary, failure = _evaluate_and_export(cfg, run_dir, data, model, state, started, run_id)
         if failure is not None:
             raise failure
     finally:
@@ -157,7 +160,10 @@ def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -
         summary["seconds"], cfg.evaluate.split, test["balanced_accuracy"], test["top1_accuracy"],
         state["phase1_epochs"], state["phase2_epochs"], run_dir,
     )
-    return summary, {name: run_dir / path for name, path in RESULT_FILES.items() if (run_dir / path).exists()}
+    files = {name: run_dir / path for name, path in RESULT_FILES.items() if (run_dir / path).exists()}
+    if not cfg.export.enabled:
+        files.pop("export", None)  # an old export/ of a resumed run is not this run's
+    return summary, files
 
 
 # What train returns as its artifacts: name -> path in the run dir.
@@ -237,24 +243,23 @@ def prepare_pipelines(cfg: DictConfig, data: RunData, replicas: int, policy: str
     return Pipelines(inputs, augment_in_model=on_accelerator)
 
 
-def prepare_fitting(
-    cfg: DictConfig, run_dir: Path, strategy: tf.distribute.Strategy, pipelines: Pipelines, *,
-    callbacks: Sequence[keras.callbacks.Callback], tracked: bool,
-) -> Fitting:
-    """The model (built in the strategy's scope) and everything run_phases needs."""
-    augmentation = IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if pipelines.augment_in_model else None
+def prepare_model(cfg: DictConfig, strategy: tf.distribute.Strategy, augment_in_model: bool) -> tuple[keras.Model, keras.Model]:
+    """(model, backbone), built in the strategy's scope, with the augmentation layer when it runs in the model."""
     with strategy.scope():
-        model, base = build_model(cfg.model, augmentation=augmentation)
-    jit = cfg.train.jit_compile
-    if jit == "auto":  # XLA pays off on a GPU; on a CPU its compile time dominates short runs
-        jit = bool(tf.config.list_physical_devices("GPU"))
-    epoch_metrics = [tracking.EpochMetrics()] if tracked else []
-    return Fitting(model, base, pipelines.inputs, cfg.train, run_dir, jit_compile=jit, freeze_bn=freeze_bn_of(cfg.model),
-                   callbacks=[*epoch_metrics, *callbacks])
+        augmentation = IDGAugmentation(OmegaConf.to_container(cfg.augment), seed=cfg.seed) if augment_in_model else None
+        return build_model(cfg.model, augmentation=augmentation)
+
+
+def jit_compile(train_cfg: DictConfig) -> bool:
+    """``train.jit_compile``; auto: XLA on a GPU only (on a CPU its compile time dominates short runs)."""
+    if train_cfg.jit_compile == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return bool(train_cfg.jit_compile)
 
 
 def _evaluate_and_export(
-    cfg: DictConfig, run_dir: Path, data: RunData, model: keras.Model, state: dict[str, Any], started: float
+    cfg: DictConfig, run_dir: Path, data: RunData, model: keras.Model, state: dict[str, Any], started: float,
+    run_id: Optional[str],
 ) -> tuple[dict[str, Any], Optional[ExportError]]:
     """Review the phases, evaluate the best checkpoint, export it, write summary.json and log it all to MLflow.
 
@@ -265,7 +270,8 @@ def _evaluate_and_export(
     review = review_phases(history, cfg.train.monitor, cfg.train.monitor_mode, cfg.train.collapse_share)
     for warning in review["warnings"]:
         log.warning("%s", warning)
-    tracking.log_review(review)
+    if run_id is not None:
+        tracking.log_review(review)
     training_curves(history, run_dir / PLOTS / TRAINING_CURVES, state["phase1_epochs"])
     best = load_keras(run_dir / BEST) if (run_dir / BEST).is_file() else model
     cache = OmegaConf.to_container(cfg.data.cache, resolve=True)
@@ -287,11 +293,12 @@ def _evaluate_and_export(
         "seconds": round(time.perf_counter() - started, 1),
     }
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
-    # The model as served: the temperature folded in, training-only layers removed.
-    served = inference_model(best, evaluation["calibration"].get("temperature"))
-    version = tracking.log_finished_run(cfg, run_dir, summary, served)
-    if version is not None:
-        summary["registered_version"] = version
+    if run_id is not None:
+        # The model as served: the temperature folded in, training-only layers removed.
+        temperature = evaluation["calibration"].get("temperature")
+        version = tracking.log_finished_run(cfg, run_dir, summary, lambda: inference_model(best, temperature))
+        if version is not None:
+            summary["registered_version"] = version
     return summary, failure
 
 

@@ -228,13 +228,15 @@ def fetch(
     *,
     expected_size: Optional[int] = None,
     sha256: Optional[str] = None,
-    timeout_s: float = 60.0,
-    retries: int = 5,
-    backoff_s: float = 2.0,
-    chunk_bytes: int = 1 << 20,
-    progress: bool = True,
+    timeout_s: float,
+    retries: int,
+    backoff_s: float,
+    chunk_bytes: int,
+    progress: bool,
 ) -> Fetched:
     """Download ``url`` to ``dest`` (via ``dest.part``, resuming), check it, return size and sha256.
+
+    The transfer settings have no defaults here: ``download.yaml`` holds them.
 
     The size must equal ``expected_size`` when given, otherwise the size the
     server announced (Content-Length or Content-Range). ``sha256`` is checked

@@ -16,10 +16,11 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from dermascan.classes import CODES, INDEX
+from dermascan.config import ClassWeight
 from dermascan.errors import ConfigError, DataError
 
 log = logging.getLogger("dermascan.modeling.class_weights")
-MODES = ("balanced", "none")
+MODES = tuple(ClassWeight)
 
 
 def class_weights(labels: Sequence[str], mode: str = "balanced") -> dict[str, float]:

@@ -101,7 +101,7 @@ class ServedModel:
 def load_model(
     export_dir: str | Path, runtime: str = "tflite", tflite: str = "fp32", num_threads: int | None = None
 ) -> ServedModel:
-    """Verify, load and warm up an export folder; raise ServeError (or RuntimeLoadError) naming the problem."""
+    """Verify, load and warm up an export folder; raise ServeError, RuntimeLoadError or ArtifactError naming the problem."""
     started = time.perf_counter()
     export_dir = Path(export_dir)
     files = verify_manifest(export_dir)
