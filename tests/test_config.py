@@ -174,3 +174,45 @@ def test_a_saved_run_config_is_validated_and_filled(tmp_path):
     OmegaConf.save(OmegaConf.create(bad), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match="train.patience"):
         load_saved_run_config(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.seed=-1"], r"data.seed must be in \[0, 2\*\*32\)"),
+        (["seed=-1"], r"^seed must be in \[0, 2\*\*32\)"),
+        (["model.image_size=100000"], r"model.image_size must be in \[32, 1024\], got 100000"),
+        (["model.alpha=-1"], "model.alpha .* must be > 0"),
+        (["model.alpha=0"], "model.alpha .* must be > 0"),
+        (["experiment=isic", "model.alpha=0.6"], r"ImageNet weights for mobilenet_v2 only at alpha 0.35, 0.5, 0.75, 1.0, 1.3, 1.4"),
+        (["train.phase2.lr=-1"], "train.phase2.lr must be > 0"),
+        (["train.phase1.lr=0"], "train.phase1.lr must be > 0"),
+        (["data.val_fraction=0"], "data.val_fraction=0 with data.split=grouped leaves no val split"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_naming_the_key(overrides, message):
+    from dermascan.config import RunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        compose_config("train", ["run_dir=/r", *overrides], RunConfig)
+
+
+def test_alpha_off_the_imagenet_grid_is_fine_from_scratch():
+    from dermascan.config import RunConfig
+
+    cfg = compose_config("train", ["run_dir=/r", "experiment=isic", "model.alpha=0.6", "model.weights=null"], RunConfig)
+    assert cfg.model.alpha == 0.6
+
+
+@pytest.mark.integration
+def test_bad_seed_on_the_command_line_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "dermascan.train", "data.seed=-1", f"paths.runs_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if "ConfigError" in line]
+    assert run.returncode == 2 and len(errors) == 1 and "data.seed must be in" in errors[0]
+    assert "Traceback" not in run.stdout + run.stderr

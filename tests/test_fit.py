@@ -108,3 +108,45 @@ def test_review_counts_a_resumed_epoch_once():
     frame["epoch"] = [0, 1, 2, 2]
     review = review_phases(frame, "val_balanced_accuracy", "max", 0.95)
     assert review["warnings"] == [] and review["best_epoch"] == 3
+
+
+def test_keras_swap_ema_weights_puts_the_average_in_the_checkpoint(tmp_path):
+    """What train.ema_momentum relies on: with SwapEMAWeights(swap_on_epoch=True) before ModelCheckpoint, the
+    callbacks after it (early stopping, the checkpoint) see the moving average, not the last step's weights."""
+
+    class Weights(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[list[np.ndarray]] = []
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            self.seen.append([w.copy() for w in self.model.get_weights()])
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.9), loss="categorical_crossentropy")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = np.eye(3)[np.arange(64) % 3]
+    raw, averaged, path = Weights(), Weights(), tmp_path / "best.keras"
+    callbacks = [raw, keras.callbacks.SwapEMAWeights(swap_on_epoch=True), averaged, keras.callbacks.ModelCheckpoint(str(path))]
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=callbacks)
+    saved = keras.models.load_model(path).get_weights()
+    np.testing.assert_allclose(saved[0], averaged.seen[-1][0], rtol=1e-6)
+    assert not np.allclose(averaged.seen[-1][0], raw.seen[-1][0], atol=1e-3)
+
+
+def test_phase2_alone_averages_and_the_average_is_swapped_in_before_early_stopping_and_the_checkpoint(tmp_path):
+    from dermascan.config import RunConfig
+    from dermascan.modeling.fit import FitInputs, Fitting
+
+    train_cfg = compose_config("train", ["run_dir=/tmp/x", "train.ema_momentum=0.998"], RunConfig).train
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8)])
+    fitting = Fitting(model, model, FitInputs(None, None, 1), train_cfg, tmp_path, jit_compile=False, freeze_bn=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"))
+    for phase in (1, 2):
+        kinds = [type(c).__name__ for c in fitting.callbacks_for(phase, checkpoint)]
+        if phase == 1:
+            assert "SwapEMAWeights" not in kinds
+        else:
+            swap = kinds.index("SwapEMAWeights")
+            assert kinds.index("BackupAndRestore") < swap < kinds.index("EarlyStopping") < kinds.index("ModelCheckpoint")

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -62,8 +63,9 @@ class Server:
     socket instead costs about 45 ms per request here.)
     """
 
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    def __init__(self, app, **options) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                                    **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -423,6 +425,114 @@ def test_body_limit_stops_reading_at_the_limit(export_dir):
     assert sent[0]["status"] == 413 and not pulled
 
 
+def test_two_scan_bombs_do_not_starve_a_normal_request(server):
+    """Issue 12.1: two progressive-JPEG scan bombs in flight (each ~20 s of decoding before) leave a normal request fast."""
+    from tests.test_serve_hardening import scan_bomb
+
+    bomb, normal, answers = scan_bomb(), sample_paths()[0].read_bytes(), []
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        bombs = [threading.Thread(target=lambda: answers.append(post_raw(http, bomb))) for _ in range(2)]
+        for thread in bombs:
+            thread.start()
+        time.sleep(0.2)
+        started = time.perf_counter()
+        assert post_raw(http, normal).status_code == 200
+        assert time.perf_counter() - started < 3
+        for thread in bombs:
+            thread.join(120)
+    for response in answers:
+        assert_error(response, 422, "scans")
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_aborted_upload_is_one_info_line_without_traceback(server, client):
+    """Issue 12.3: Content-Length 1000000, 10 bytes, close: no traceback, no error, one info line (before: two tracebacks)."""
+    captured, app_log = Records(), logging.getLogger("dermascan.serve.app")
+    watched = [logging.getLogger(name) for name in ("uvicorn.error", "dermascan.serve.app", "")]
+    for logger in watched:
+        logger.addHandler(captured)
+    level, disabled, app_log.disabled = app_log.level, app_log.disabled, False
+    app_log.setLevel(logging.DEBUG)  # setLevel, not .level: it clears the loggers' isEnabledFor cache
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        for _ in range(2):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                             b"Content-Length: 1000000\r\n\r\n" + b"\xff" * 10)
+                time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while sum("disconnected" in r.getMessage() for r in captured.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").status_code == 200
+    finally:
+        app_log.setLevel(level)
+        app_log.disabled = disabled
+        for logger in watched:
+            logger.removeHandler(captured)
+    records = list({id(r): r for r in captured.records}.values())  # the root handler sees propagated records again
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+    gone = [r for r in records if "disconnected" in r.getMessage()]
+    assert len(gone) == 2 and all(r.levelno <= logging.INFO for r in gone)
+
+
+def open_for(url: str, payload: bytes, cap: float = 20) -> tuple[float, bytes]:
+    """(seconds until the server closed a connection that sent ``payload`` and then waited, what it answered)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=cap) as sock:
+        started, answer = time.perf_counter(), b""
+        if payload:
+            sock.sendall(payload)
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except TimeoutError:
+            return float("inf"), answer
+        except OSError:
+            pass
+        return time.perf_counter() - started, answer
+
+
+def test_stalled_connections_are_closed_within_the_timeouts(export_dir):
+    """Issue 12.4: nothing, half a header, or half a body: closed after header_timeout / body_timeout (here 1 s)."""
+    from dermascan.serve.__main__ import server_options
+
+    strict = Server(create_app(export_dir, "tflite", body_timeout=1.0), **server_options(1.0, 1.0, 20))
+    try:
+        cases = {
+            "nothing": b"",
+            "half a header": b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Ty",
+            "half a body": b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
+                           + b"\xff" * 500,
+        }
+        results = {}
+        threads = [threading.Thread(target=lambda k=k, p=p: results.__setitem__(k, open_for(strict.url, p)))
+                   for k, p in cases.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for name, (seconds, _) in results.items():
+            assert 0.9 < seconds < 3, (name, seconds)
+        head, _, body = results["half a body"][1].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"] == "request_timeout", head
+        # a keep-alive connection that sends a second, stalled request head is closed too
+        with httpx.Client(base_url=strict.url, timeout=10) as http:
+            assert http.get("/health").status_code == 200
+        # and a normal upload still goes through
+        with httpx.Client(base_url=strict.url, timeout=30) as http:
+            assert post_raw(http, sample_paths()[0].read_bytes()).status_code == 200
+    finally:
+        strict.close()
+
+
 # ---------------------------------------------------------------- a tampered export is never served
 
 
@@ -639,7 +749,7 @@ def test_serve_config_composes_and_is_validated():
     cfg = check(compose_config("serve", ["export_dir=/x/export", "port=9000"], ServeConfig))
     assert app_kwargs(cfg) == {"export_dir": "/x/export", "runtime": "tflite", "tflite": "fp32",
                                "max_upload_bytes": 10 * 1024 * 1024, "max_pixels": 50_000_000, "draft_factor": 2,
-                               "num_threads": None, "max_decoders": None}
+                               "num_threads": None, "max_decoders": None, "max_jpeg_scans": 64, "body_timeout": 15.0}
     assert (cfg.host, cfg.port, cfg.fail_fast) == ("127.0.0.1", 9000, True)
     with pytest.raises(ConfigError, match="max_uplaod_bytes"):
         compose_config("serve", ["export_dir=x", "+max_uplaod_bytes=5"], ServeConfig)

@@ -280,7 +280,8 @@ def test_recipe_defaults_and_isic_experiment(tmp_path):
     assert cfg.train.sampler == "balanced" and cfg.train.class_weight == "none"
     assert cfg.model.color_constancy == "shades_of_gray" and cfg.train.phase2.freeze_head_bn is None
     cpu = compose_config("train", ["experiment=isic_cpu", f"run_dir={tmp_path}"], RunConfig)
-    assert cpu.train.phase1.epochs + cpu.train.phase2.epochs == 11 and cpu.model.image_size == cpu.data.cache.size == 160
+    assert cpu.train.phase1.epochs + cpu.train.phase2.epochs == 15 and cpu.model.image_size == cpu.data.cache.size == 160
+    assert cpu.train.ema_momentum == 0.998 and cfg.train.ema_momentum is None
     assert cpu.train.sampler == "balanced" and cpu.model.color_constancy == "shades_of_gray"
     assert list(cfg.export.tflite) == list(cpu.export.tflite) == ["fp32", "fp16"]
     demo = compose_config("train", [f"run_dir={tmp_path}"], RunConfig)

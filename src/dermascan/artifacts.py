@@ -127,7 +127,22 @@ def read_history(run_dir: Path) -> "pd.DataFrame":
 
 
 def read_labels(export_dir: Path) -> dict:
+    """``labels.json`` as a dict; ArtifactError naming the file when it is missing, not UTF-8 JSON, or not an object.
+
+    A malformed file can still match MANIFEST.sha256 (the manifest was
+    written after it), so its shape is checked here, not trusted.
+    """
     path = Path(export_dir) / LABELS
     if not path.is_file():
         raise ArtifactError(f"{path} not found: is {export_dir} an export folder (python -m dermascan.export)?")
-    return json.loads(path.read_text())
+    try:
+        labels = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{path} is not UTF-8 text: {err}") from None
+    except ValueError as err:  # json.JSONDecodeError
+        raise ArtifactError(f"{path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise ArtifactError(f"{path} cannot be read: {err}") from None
+    if not isinstance(labels, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, got a JSON {type(labels).__name__}")
+    return labels

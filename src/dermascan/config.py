@@ -339,7 +339,7 @@ class TrainConfig:
     sampler: Sampler = MISSING
     clipnorm: Optional[float] = MISSING  # Adam's per-variable gradient norm clipping; null: none
     weight_decay: float = MISSING  # Adam's decoupled weight decay (AdamW); 0: none
-    ema_momentum: Optional[float] = MISSING  # validate and checkpoint an EMA of the weights; null: off
+    ema_momentum: Optional[float] = MISSING  # phase 2 validates and checkpoints an EMA of the weights; null: off
     collapse_share: float = MISSING  # a phase whose val predictions put this share on one class has collapsed
     monitor: str = MISSING
     monitor_mode: MonitorMode = MISSING
@@ -471,6 +471,11 @@ class ServeConfig:
     draft_factor: int = MISSING
     num_threads: Optional[int] = MISSING
     max_decoders: Optional[int] = MISSING  # uploads decoded at once; null: one per CPU
+    max_jpeg_scans: int = MISSING  # JPEGs with more scans are refused before decoding
+    header_timeout: float = MISSING  # seconds to send a complete request head
+    body_timeout: float = MISSING  # seconds without any part of the body -> 408
+    timeout_keep_alive: float = MISSING  # seconds an idle keep-alive connection stays open
+    limit_concurrency: Optional[int] = MISSING  # connections + requests past which uvicorn answers 503; null: no limit
     fail_fast: bool = MISSING  # refuse to start on a bad export; false: start and answer 503
     log_level: str = MISSING
     access_log: bool = MISSING
@@ -486,6 +491,12 @@ def _check_data(data: Any) -> None:
             "data.val_fraction + data.test_fraction must leave images for training, "
             f"got {data.val_fraction} + {data.test_fraction}"
         )
+    if data.split == SplitPolicy.grouped and data.val_fraction == 0:
+        raise ConfigError(
+            "data.val_fraction=0 with data.split=grouped leaves no val split, and early stopping, the best "
+            "checkpoint and the temperature all need one: set data.val_fraction > 0 (the default is 0.15)"
+        )
+    _check_seed("data.seed", data.seed)
     if not data.releases:
         raise ConfigError("data.releases is empty: name at least one release")
     if data.split == SplitPolicy.official and Release.isic2018_test not in data.releases:
@@ -533,6 +544,9 @@ def _check_train(train: Any) -> None:
             f"train.phase1.epochs and train.phase2.epochs must be >= 0 and train at least one epoch, "
             f"got {train.phase1.epochs} and {train.phase2.epochs}"
         )
+    for phase in ("phase1", "phase2"):
+        if not train[phase].lr > 0:
+            raise ConfigError(f"train.{phase}.lr must be > 0, got {train[phase].lr}")
     if train.phase2.warmup_epochs > train.phase2.epochs:
         raise ConfigError(
             f"train.phase2.warmup_epochs ({train.phase2.warmup_epochs}) exceeds train.phase2.epochs ({train.phase2.epochs})"
@@ -569,8 +583,30 @@ def _check_model(model: Any) -> None:
         raise ConfigError(f"model.head.dropout rates must be in [0, 1), got {list(model.head.dropout)}")
     if model.sog_power < 1:
         raise ConfigError(f"model.sog_power must be >= 1, got {model.sog_power}")
-    if model.image_size < 32:
-        raise ConfigError(f"model.image_size must be >= 32, got {model.image_size}")
+    if not 32 <= model.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"model.image_size must be in [32, {MAX_IMAGE_SIZE}], got {model.image_size}")
+    if model.alpha <= 0:
+        raise ConfigError(f"model.alpha (the width multiplier) must be > 0, got {model.alpha}")
+    alphas = IMAGENET_ALPHAS.get(model.backbone)
+    if model.weights == "imagenet" and alphas is not None and model.alpha not in alphas:
+        raise ConfigError(
+            f"model.alpha={model.alpha}: Keras has ImageNet weights for {model.backbone} only at alpha "
+            f"{', '.join(map(str, alphas))}; pick one, or train from scratch with model.weights=null"
+        )
+
+
+# The width multipliers keras.applications has ImageNet weights for (a backbone not listed takes no alpha).
+IMAGENET_ALPHAS: dict[str, tuple[float, ...]] = {
+    BackboneName.mobilenet_v2: (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+    BackboneName.mobilenet_v3_small: (0.75, 1.0),
+}
+# Above this the activations of one batch no longer fit a GPU, and no ISIC image needs it.
+MAX_IMAGE_SIZE = 1024
+
+
+def _check_seed(key: str, seed: Any) -> None:
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError(f"{key} must be in [0, 2**32) (numpy's seed range), got {seed}")
 
 
 def _check_evaluate(evaluate: Any) -> None:
@@ -606,4 +642,6 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
     for name, check in CHECKS.items():
         if name in merged:
             check(merged[name])
+    if "seed" in merged:
+        _check_seed("seed", merged.seed)
     return merged

@@ -29,6 +29,7 @@ from dermascan.data.isic import (
     METADATA_2019,
     RELEASE_ORDER,
     RELEASES,
+    CsvRows,
     Excluded,
     read_ground_truth,
     read_metadata,
@@ -71,6 +72,22 @@ def _resolve_paths(root: Path, frame: pd.DataFrame) -> pd.Series:
     return pd.Series(
         [locate(i, s) for i, s in zip(frame["image_id"], frame["source"])], index=frame.index, dtype=object
     )
+
+
+OUTSIDE_ROOT = "symlink to a file outside data.root"
+
+
+def _outside_root(root: Path, paths: pd.Series) -> pd.Series:
+    """True where a path resolves (through symlinks) to a file outside ``root``.
+
+    An image folder may hold symlinks, but only to files under ``data.root``
+    (itself resolved first, so ``data.root`` may be a symlink): one that
+    points elsewhere is excluded with the reason OUTSIDE_ROOT rather than
+    followed, so that nothing outside the data folder is ever read. Data kept
+    elsewhere: point data.root at the real folder, or copy the files in.
+    """
+    base = os.path.realpath(root) + os.sep
+    return paths.map(lambda path: not os.path.realpath(path).startswith(base))
 
 
 def _missing_message(root: Path, paths: list[str], releases: list[str]) -> str:
@@ -117,19 +134,21 @@ def ingest(cfg: DictConfig) -> Ingested:
     releases = sorted((str(r) for r in data.releases), key=RELEASE_ORDER.index)
     if not root.is_dir():
         raise DataError(f"data.root {root} is not a directory; see README, 'Getting the data'")
+    manifest.check_writable(Path(data.processed_dir))
     log.info("reading %s from %s", ", ".join(releases), root)
 
     excluded: list[Excluded] = []
+    csv_rows = CsvRows()
     per_release = {}
     for name in releases:
-        rows, dropped = read_ground_truth(root, RELEASES[name])
+        rows, dropped = read_ground_truth(root, RELEASES[name], csv_rows)
         per_release[name] = rows
         excluded += dropped
     keep = frozenset({"isic2018_test"}) if data.split == SplitPolicy.official else frozenset()
     merged = merge_labels(per_release, akiec=str(data.akiec), keep_unlabelled_akiec=keep)
     excluded += merged.excluded
 
-    frame = merged.labels.merge(read_metadata(root), on="image_id", how="left")
+    frame = merged.labels.merge(read_metadata(root, csv_rows), on="image_id", how="left")
     frame["lesion_id"] = frame["lesion_id"].fillna(frame["image_id"])
     frame["path"] = _resolve_paths(root, frame)
 
@@ -140,6 +159,11 @@ def ingest(cfg: DictConfig) -> Ingested:
             raise DataError(_missing_message(root, list(missing["path"]), releases))
         excluded += [Excluded(i, "missing file", s) for i, s in zip(missing["image_id"], missing["source"])]
         frame = frame[exists].reset_index(drop=True)
+
+    outside = _outside_root(root, frame["path"])
+    escaped = frame[outside]
+    excluded += [Excluded(i, OUTSIDE_ROOT, s) for i, s in zip(escaped["image_id"], escaped["source"])]
+    frame = frame[~outside].reset_index(drop=True)
 
     reasons = check_images(frame["path"], mode=str(data.verify), workers=data.workers)
     bad = pd.Series([r is not None for r in reasons], index=frame.index)
@@ -159,7 +183,7 @@ def ingest(cfg: DictConfig) -> Ingested:
         if (root / f).is_file()
     ]
     settings = OmegaConf.to_container(data, resolve=True, enum_to_str=True)
-    summary = manifest.summarise(frame, excluded, merged.duplicates, inputs, settings)
+    summary = manifest.summarise(frame, excluded, merged.duplicates, inputs, settings, csv_rows.as_dict())
     summary["seconds"] = round(time.perf_counter() - started, 2)
     manifest_path, summary_path = manifest.write(frame, summary, Path(data.processed_dir))
     log.info("manifest: %d images of %d lesions\n%s", summary["images"], summary["lesions"], manifest.format_table(summary))

@@ -12,6 +12,7 @@ way). TFLite models run on ``ai_edge_litert``, the maintained successor of
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -118,8 +119,15 @@ def load_predictor(export_dir: Path, runtime: str = "savedmodel", tflite: str = 
         path = export_dir / (SAVED_MODEL if runtime == "savedmodel" else KERAS_MODEL)
     if not path.exists():
         raise RuntimeLoadError(f"{path} not found: export it with python -m dermascan.export (export.tflite=[{tflite}])")
-    if runtime == "tflite":
-        return tflite_predictor(path, num_threads=num_threads)
-    if runtime == "savedmodel":
-        return savedmodel_predictor(path)
-    return keras_predictor(path)
+    load = {"tflite": functools.partial(tflite_predictor, num_threads=num_threads),
+            "savedmodel": savedmodel_predictor, "keras": keras_predictor}[runtime]
+    try:
+        return load(path)
+    except ImportError as err:
+        raise RuntimeLoadError(f"cannot load {path}: the {runtime} runtime is not installed ({err})") from err
+    except Exception as err:
+        # A truncated or garbage file can still match MANIFEST.sha256 (written after it): each loader has
+        # its own exception types (ValueError from the TFLite interpreter, OSError, TensorFlow's errors),
+        # so name the file once here, for the server to refuse it with one line.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeLoadError(f"cannot load the {runtime} model {path}: {first}") from err

@@ -117,14 +117,15 @@ def load_keras(path: Path, compile: bool = True) -> keras.Model:
     return keras.models.load_model(path, compile=compile)
 
 
-def compile_model(model: keras.Model, learning_rate: Any, train_cfg: Any, jit_compile: Any) -> None:
-    """Adam with the run's clipping, weight decay and weight averaging, and the run's metrics.
+def compile_model(
+    model: keras.Model, learning_rate: Any, train_cfg: Any, jit_compile: Any, ema: Optional[float] = None
+) -> None:
+    """Adam with the run's clipping and weight decay, and the run's metrics.
 
-    ``train.ema_momentum`` keeps an exponential moving average of the weights
-    in the optimizer (Keras' ``use_ema``); ``run_phases`` swaps it in for
-    validation and checkpoints with ``keras.callbacks.SwapEMAWeights``.
+    ``ema``: keep an exponential moving average of the weights in the
+    optimizer (Keras' ``use_ema``); ``run_phases`` swaps it in for validation
+    and checkpoints with ``keras.callbacks.SwapEMAWeights``.
     """
-    ema = train_cfg.ema_momentum
     model.compile(
         optimizer=keras.optimizers.Adam(
             learning_rate,
@@ -207,7 +208,7 @@ class Fitting:
             # After the backup (which must hold the raw weights and their average
             # unswapped), before what reads the epoch's weights: early stopping,
             # the checkpoint.
-            *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum is not None else []),
+            *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if phase == 2 and cfg.ema_momentum is not None else []),
             keras.callbacks.EarlyStopping(
                 monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.patience, restore_best_weights=True
             ),
@@ -291,7 +292,7 @@ def _phase2(fitting: Fitting, checkpoint: keras.callbacks.ModelCheckpoint, phase
         "phase 2: fine-tuning %d backbone layer(s), %d epoch(s), cosine decay from lr %g over %d steps (%d warmup)",
         trainable, epochs, cfg.phase2.lr, steps, warmup,
     )
-    compile_model(fitting.model, schedule, cfg, fitting.jit_compile)
+    compile_model(fitting.model, schedule, cfg, fitting.jit_compile, ema=cfg.ema_momentum)
     return fitting.fit(2, phase1_epochs, epochs, checkpoint)
 
 

@@ -13,9 +13,17 @@ Every rejected upload is a 4xx JSON body ``{"error": <code>, "detail": <message>
   count passes the limit (``BodyLimit``, a pure ASGI middleware that counts
   the bytes of every ``http.request`` message, so nothing past the limit is
   ever read);
+- a body that stalls: 408 (and the connection closed) when no part of it
+  arrives for ``body_timeout`` seconds (``BodyLimit`` again), so a client
+  that sends half a body cannot hold a connection; a request head that
+  stalls is closed by the server (``dermascan.serve.__main__``);
 - no or wrong content type: 415; a multipart body without a ``file`` field,
   an empty upload, a truncated or corrupt image: 422; an image over
-  ``max_pixels``: 413 from its header (see ``dermascan.serve.images``).
+  ``max_pixels``: 413 from its header, a JPEG with more than
+  ``max_jpeg_scans`` scans: 422 before decoding (see ``dermascan.serve.images``).
+
+A client that closes the connection while its upload is being read is no
+server error: it is logged as one info line, with no traceback.
 
 A bad export folder (a missing file, a checksum that does not match
 ``MANIFEST.sha256``, a model that fails its warm-up) never serves a
@@ -51,11 +59,19 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dermascan import __version__
 from dermascan.errors import DermascanError
-from dermascan.serve.images import DRAFT_FACTOR, MAX_PIXELS, ImageError, prepare_image
+from dermascan.serve.images import (
+    DRAFT_FACTOR,
+    MAX_JPEG_SCANS,
+    MAX_PIXELS,
+    ImageError,
+    prepare_image,
+)
 from dermascan.serve.model import ServedModel, load_model
 
 log = logging.getLogger("dermascan.serve.app")
@@ -63,6 +79,7 @@ log = logging.getLogger("dermascan.serve.app")
 # The default for callers of create_app; the service and the Lambda take configs/serve.yaml's
 # value (tests/test_config.py pins the two equal).
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+BODY_TIMEOUT = 15.0
 
 FIELD = "file"
 # Room for the multipart framing (boundaries, part headers) around a file of max_upload_bytes.
@@ -72,6 +89,7 @@ REASONS = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "unprocessable",
@@ -179,21 +197,30 @@ class BodyTooLarge(ServiceError):
         super().__init__(413, f"the {what} is larger than the limit of {limit} bytes", "payload_too_large")
 
 
+class BodyTimeout(ServiceError):
+    def __init__(self, seconds: float, received: int) -> None:
+        super().__init__(408, f"no part of the request body arrived for {seconds:g} s (after {received} bytes)",
+                         "request_timeout")
+
+
 def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, without reading past the limit.
+    """Refuse request bodies over ``limit`` bytes with 413, without reading past the limit; 408 when a body stalls.
 
     The Content-Length header is checked before the app runs; every
     ``http.request`` message is counted, so a chunked body (or a lying
-    Content-Length) is cut off as soon as the count passes the limit.
+    Content-Length) is cut off as soon as the count passes the limit. Until
+    the body is complete, each wait for the next part of it is bounded by
+    ``timeout`` seconds (None: unbounded).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -214,12 +241,19 @@ class BodyLimit:
             await response(scope, receive, send)
             return
         received = 0
-        started = False
+        started = complete = False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete or self.timeout is None:
+                message = await receive()
+            else:
+                with anyio.move_on_after(self.timeout) as waited:
+                    message = await receive()
+                if waited.cancelled_caught:
+                    raise BodyTimeout(self.timeout, received)
             if message["type"] == "http.request":
+                complete = complete or not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     raise BodyTooLarge(self.limit)
@@ -254,7 +288,7 @@ async def read_raw(request: Request, limit: int) -> bytes:
 async def read_multipart(request: Request, limit: int) -> bytes:
     try:
         form = await request.form(max_files=1, max_fields=8)
-    except BodyTooLarge:
+    except ServiceError:  # over the limit, or stalled (BodyLimit)
         raise
     except HTTPException as err:  # Starlette's MultiPartException, as a 400
         raise ServiceError(422, f"malformed multipart/form-data body: {err.detail}", "malformed_multipart") from None
@@ -296,6 +330,7 @@ class Limits:
     max_upload_bytes: int
     max_pixels: int
     draft_factor: int | None
+    max_jpeg_scans: int
     decoders: anyio.CapacityLimiter
 
 
@@ -310,6 +345,8 @@ def create_app(
     num_threads: int | None = None,
     fail_fast: bool = True,
     max_decoders: int | None = None,
+    max_jpeg_scans: int = MAX_JPEG_SCANS,
+    body_timeout: float | None = BODY_TIMEOUT,
 ) -> FastAPI:
     """The service for one export folder, loaded and verified now (see the module docstring for ``fail_fast``)."""
     model: ServedModel | None = None
@@ -330,12 +367,13 @@ def create_app(
     app.state.model = model
     app.state.problem = problem
     # Decoding a big image holds up to max_pixels x 4 bytes: bound how many run at once (default: one per CPU).
-    app.state.limits = Limits(max_upload_bytes, max_pixels, draft_factor,
+    app.state.limits = Limits(max_upload_bytes, max_pixels, draft_factor, max_jpeg_scans,
                               anyio.CapacityLimiter(max_decoders or os.cpu_count() or 2))
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_SLACK, timeout=body_timeout)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ImageError, image_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
     return app
@@ -346,7 +384,7 @@ async def http_error(request: Request, err: HTTPException) -> JSONResponse:
     if err.status_code < 500:
         log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status_code, code, err.detail)
     headers = dict(err.headers or {})
-    if err.status_code == 413:
+    if err.status_code in (408, 413):  # the rest of the body is never read: the connection cannot be reused
         headers["Connection"] = "close"
     return error_response(err.status_code, code, str(err.detail), headers or None)
 
@@ -358,6 +396,12 @@ async def validation_error(request: Request, err: RequestValidationError) -> JSO
 async def image_error(request: Request, err: ImageError) -> JSONResponse:
     log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status, err.code, err)
     return error_response(err.status, err.code, str(err))
+
+
+async def client_gone(request: Request, err: ClientDisconnect) -> Response:
+    """The client closed the connection mid-upload: its business, not a server error (no traceback, nothing is sent)."""
+    log.info("%s %s: the client disconnected while sending its upload", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def unexpected(request: Request, err: Exception) -> JSONResponse:
@@ -406,7 +450,8 @@ async def predict(request: Request) -> dict:
     current, limits = served(request), request.app.state.limits
     data = await read_upload(request, limits.max_upload_bytes)
     decode = functools.partial(prepare_image, data, current.image_size, current.resize_method,
-                               max_pixels=limits.max_pixels, draft_factor=limits.draft_factor)
+                               max_pixels=limits.max_pixels, draft_factor=limits.draft_factor,
+                               max_jpeg_scans=limits.max_jpeg_scans)
     prepared = await anyio.to_thread.run_sync(decode, limiter=limits.decoders)
     probabilities = await run_in_threadpool(current.probabilities, prepared.pixels)
     return prediction(current, prepared, probabilities, started)

@@ -29,16 +29,34 @@ from dermascan.runtime import RuntimeLoadError, load_predictor
 
 log = logging.getLogger("dermascan.serve.model")
 
+CLASS_KEYS = ("code", "name", "description", "category")
 
 
 class ServeError(DermascanError):
     """The service cannot serve this export folder."""
 
 
+def _classes(labels: dict, path: Path) -> list[dict]:
+    """``labels.json`` classes in index order; ServeError naming the file unless every class is a complete object."""
+    classes = labels.get("classes")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, dict) and all(isinstance(c.get(k), str) for k in CLASS_KEYS) for c in classes)
+        or not all(type(c.get("index", 0)) is int for c in classes)
+    ):
+        raise ServeError(f"{path}: 'classes' must be a list of objects with an integer index and "
+                         f"string {', '.join(CLASS_KEYS)}, got {repr(classes)[:120]}")
+    return sorted(classes, key=lambda c: c.get("index", 0))
+
+
 def _input_size(labels: dict) -> int:
     spec = labels.get("input") or {}
-    size = spec.get("size") or (spec.get("shape") or [None, None])[1:3]
-    if not size or len(size) != 2 or size[0] != size[1] or not isinstance(size[0], int):
+    if not isinstance(spec, dict):
+        raise ServeError(f"labels.json input must be an object, got {spec!r}")
+    shape = spec.get("shape")
+    size = spec.get("size") or (shape[1:3] if isinstance(shape, list) else None)
+    if not isinstance(size, list) or len(size) != 2 or size[0] != size[1] or type(size[0]) is not int or size[0] < 1:
         raise ServeError(f"labels.json input.size must be a square [S, S], got {size!r}")
     return int(size[0])
 
@@ -48,7 +66,7 @@ def _resize_method(labels: dict) -> str:
 
     resize = (labels.get("input") or {}).get("resize")
     method = resize.get("method", "bilinear") if isinstance(resize, dict) else "bilinear"
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ServeError(f"labels.json input.resize.method {method!r} is not one of {', '.join(METHODS)}")
     if isinstance(resize, dict) and resize.get("mode", "squash") != "squash":
         raise ServeError(f"labels.json input.resize.mode {resize.get('mode')!r}: only 'squash' is served")
@@ -67,6 +85,7 @@ class ServedModel:
     files_verified: int
     load_seconds: float
     classes: list[dict] = field(default_factory=list)
+    parity: dict | None = None
 
     @property
     def model_version(self) -> str:
@@ -83,7 +102,6 @@ class ServedModel:
     def summary(self) -> dict:
         """``GET /v1/model``: what is served, and the model card's text and parity report if present."""
         card = self.export_dir / CARD
-        parity = self.export_dir / PARITY
         return {
             "version": self.labels.get("version"),
             "model_version": self.model_version,
@@ -94,7 +112,7 @@ class ServedModel:
             "temperature": self.labels.get("temperature"),
             "files_verified": self.files_verified,
             "card": card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None,
-            "parity": json.loads(parity.read_text()) if parity.is_file() else None,
+            "parity": self.parity,
         }
 
 
@@ -106,11 +124,9 @@ def load_model(
     export_dir = Path(export_dir)
     files = verify_manifest(export_dir)
     labels = read_labels(export_dir)
-    classes = sorted(labels.get("classes") or [], key=lambda c: c.get("index", 0))
-    keys = ("code", "name", "description", "category")
-    if not classes or any(any(k not in c for k in keys) for c in classes):
-        raise ServeError(f"{export_dir}/{LABELS}: 'classes' must list {', '.join(keys)} for every class")
+    classes = _classes(labels, export_dir / LABELS)
     size, method = _input_size(labels), _resize_method(labels)
+    parity = _read_parity(export_dir / PARITY)
     predict = load_predictor(export_dir, runtime, tflite=tflite, num_threads=num_threads)
     try:
         probe = np.asarray(predict(np.zeros((1, size, size, 3), np.uint8)))
@@ -126,4 +142,17 @@ def load_model(
         "loaded %s (%s%s, %d px, %s resize, %d files verified) in %.2f s",
         export_dir, runtime, f" {tflite}" if runtime == "tflite" else "", size, method, files, seconds,
     )
-    return ServedModel(export_dir, runtime, tflite, labels, predict, size, method, files, seconds, classes)
+    return ServedModel(export_dir, runtime, tflite, labels, predict, size, method, files, seconds, classes, parity)
+
+
+def _read_parity(path: Path) -> dict | None:
+    """``parity.json`` (None when absent), read once at load: a malformed one is refused now, not on every GET /v1/model."""
+    if not path.is_file():
+        return None
+    try:
+        parity = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ServeError(f"{path} is not a readable UTF-8 JSON file: {err}") from None
+    if not isinstance(parity, dict):
+        raise ServeError(f"{path} must hold a JSON object, got a JSON {type(parity).__name__}")
+    return parity

@@ -13,6 +13,7 @@ On Lambda there is no command line; ``from_env`` reads the same settings
     DERMASCAN_DRAFT_FACTOR       reduced-scale JPEG decoding margin; 0 turns it off
     DERMASCAN_NUM_THREADS        TFLite interpreter threads
     DERMASCAN_MAX_DECODERS       uploads decoded at once
+    DERMASCAN_MAX_JPEG_SCANS     JPEGs with more scans are refused before decoding
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def check(cfg: Any) -> Any:
         raise ConfigError(f"draft_factor must be >= 0 (0 turns reduced-scale JPEG decoding off), got {cfg.draft_factor}")
     if cfg.max_decoders is not None and cfg.max_decoders < 1:
         raise ConfigError(f"max_decoders must be null or >= 1, got {cfg.max_decoders}")
+    if cfg.max_jpeg_scans < 1:
+        raise ConfigError(f"max_jpeg_scans must be >= 1, got {cfg.max_jpeg_scans}")
+    for key in ("header_timeout", "body_timeout", "timeout_keep_alive"):
+        if not cfg[key] > 0:
+            raise ConfigError(f"{key} must be > 0 seconds, got {cfg[key]}")
+    if cfg.limit_concurrency is not None and cfg.limit_concurrency < 1:
+        raise ConfigError(f"limit_concurrency must be null or >= 1, got {cfg.limit_concurrency}")
     if cfg.num_threads is not None and cfg.num_threads < 1:
         raise ConfigError(f"num_threads must be null or >= 1, got {cfg.num_threads}")
     if cfg.log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -67,7 +75,7 @@ def from_env(env: Mapping[str, str] | None = None) -> dict:
         raw = env.get(ENV_PREFIX + key.upper(), "").strip()
         if raw:
             values[key] = raw
-    for key in ("max_upload_bytes", "max_pixels", "draft_factor", "num_threads", "max_decoders"):
+    for key in ("max_upload_bytes", "max_pixels", "draft_factor", "num_threads", "max_decoders", "max_jpeg_scans"):
         number = _int(env, key.upper(), None)
         if number is not None:
             values[key] = number
@@ -98,4 +106,6 @@ def app_kwargs(cfg: Any) -> dict:
         "draft_factor": cfg.draft_factor,
         "num_threads": cfg.num_threads,
         "max_decoders": cfg.max_decoders,
+        "max_jpeg_scans": cfg.max_jpeg_scans,
+        "body_timeout": cfg.body_timeout,
     }
