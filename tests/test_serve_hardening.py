@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from dermascan.serve.images import (
+    ALPHA_PIXEL_SHARE,
     MAX_JPEG_SCANS,
     WEBP_PIXEL_SHARE,
     WIDE_PIXEL_SHARE,
@@ -129,7 +130,7 @@ def test_an_image_within_max_pixels_costs_at_most_4_bytes_per_allowed_pixel(kind
         max_pixels = side * side
         data = hostile(kind, side)
         share = {"webp": WEBP_PIXEL_SHARE, "tiff32": WIDE_PIXEL_SHARE, "tiff_float": WIDE_PIXEL_SHARE,
-                 "rgba": WIDE_PIXEL_SHARE}.get(kind)
+                 "rgba": ALPHA_PIXEL_SHARE}.get(kind)
         if share:  # these get a share of max_pixels: refused from the header at side**2, served at share * side**2
             with pytest.raises(ImageTooLarge, match="limit for"):
                 prepare_image(data, 64, max_pixels=max_pixels)

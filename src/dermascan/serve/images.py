@@ -28,8 +28,9 @@ of that it handles what phones and attackers send:
   peak), have half; 16-bit, 32-bit and float images are scaled to 8 bits in
   bands of rows, never through a full-size float64 copy (1.2 GB for a 109 KB
   49 MP 16-bit PNG before); grayscale is resized before it is replicated to
-  RGB. (RGBA is not bounded yet: compositing over black still takes a few
-  full-size copies.)
+  RGB; images with transparency, which hold the decoded RGBA and the
+  composited RGB (7 bytes a pixel), have a third, and are composited over
+  black in bands (``over_black``).
 - **EXIF orientation** is applied (``ImageOps.exif_transpose``) before the
   resize, so a rotated phone photo gives the same pixels as the upright one.
 - **Colour modes** become RGB: alpha (RGBA, LA, PA, P with transparency) is
@@ -72,6 +73,8 @@ MAX_JPEG_SCANS = 64
 WEBP_PIXEL_SHARE = 4
 # 32-bit integer and float images: 4 bytes a pixel decoded, about 5 at the decoder's peak, 1 more as 8-bit: half the pixels.
 WIDE_MODES, WIDE_PIXEL_SHARE = ("I", "F"), 2
+# Images with transparency: the decoded RGBA (4 bytes a pixel) and the composited RGB (3) are both held.
+ALPHA_PIXEL_SHARE = 3
 # Pixels converted at once from 16-bit, 32-bit and float images (2 MB of float64 per band).
 BAND_PIXELS = 1 << 18
 # A marker inside entropy-coded data: FF, then neither 00 (a stuffed FF), a restart marker (D0-D7) nor FF (fill).
@@ -228,11 +231,11 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     width, height = img.size
     if width < 1 or height < 1:
         raise CorruptImage(f"the image has no pixels ({width}x{height})")
-    if img.mode in ALPHA_MODES and width * height > max_pixels // WIDE_PIXEL_SHARE:
+    if img.mode in ALPHA_MODES and width * height > max_pixels // ALPHA_PIXEL_SHARE:
         raise ImageTooLarge(
             f"the {img.mode} image (with transparency) is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
-            f"the limit for images with an alpha channel is {max_pixels // WIDE_PIXEL_SHARE / 1e6:g} megapixels "
-            f"(half of {max_pixels / 1e6:g}: the colour and the composited copy are both held); send a JPEG"
+            f"the limit for images with an alpha channel is {max_pixels // ALPHA_PIXEL_SHARE / 1e6:g} megapixels "
+            f"(a third of {max_pixels / 1e6:g}: the colour and the composited copy are both held); send a JPEG"
         )
     if img.mode in WIDE_MODES and width * height > max_pixels // WIDE_PIXEL_SHARE:
         raise ImageTooLarge(
