@@ -135,14 +135,19 @@ def read_labels(export_dir: Path) -> dict:
     path = Path(export_dir) / LABELS
     if not path.is_file():
         raise ArtifactError(f"{path} not found: is {export_dir} an export folder (python -m dermascan.export)?")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from an export file that may be malformed; ArtifactError naming the file when it is not one."""
     try:
-        labels = json.loads(path.read_bytes().decode("utf-8"))
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ArtifactError(f"{path} is not UTF-8 text: {err}") from None
     except ValueError as err:  # json.JSONDecodeError
         raise ArtifactError(f"{path} is not valid JSON: {err}") from None
     except OSError as err:
         raise ArtifactError(f"{path} cannot be read: {err}") from None
-    if not isinstance(labels, dict):
-        raise ArtifactError(f"{path} must hold a JSON object, got a JSON {type(labels).__name__}")
-    return labels
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, got a JSON {type(value).__name__}")
+    return value

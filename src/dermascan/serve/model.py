@@ -12,7 +12,6 @@ number that matters on Lambda.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dermascan.artifacts import CARD, LABELS, PARITY, read_labels
+from dermascan.artifacts import CARD, LABELS, PARITY, read_json_object, read_labels
 from dermascan.checksums import verify_manifest
 from dermascan.classes import DISCLAIMER
 from dermascan.errors import DermascanError
@@ -126,7 +125,8 @@ def load_model(
     labels = read_labels(export_dir)
     classes = _classes(labels, export_dir / LABELS)
     size, method = _input_size(labels), _resize_method(labels)
-    parity = _read_parity(export_dir / PARITY)
+    # read once, now: a malformed parity.json is refused at start-up, not on every GET /v1/model
+    parity = read_json_object(export_dir / PARITY) if (export_dir / PARITY).is_file() else None
     predict = load_predictor(export_dir, runtime, tflite=tflite, num_threads=num_threads)
     try:
         probe = np.asarray(predict(np.zeros((1, size, size, 3), np.uint8)))
@@ -144,15 +144,3 @@ def load_model(
     )
     return ServedModel(export_dir, runtime, tflite, labels, predict, size, method, files, seconds, classes, parity)
 
-
-def _read_parity(path: Path) -> dict | None:
-    """``parity.json`` (None when absent), read once at load: a malformed one is refused now, not on every GET /v1/model."""
-    if not path.is_file():
-        return None
-    try:
-        parity = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ServeError(f"{path} is not a readable UTF-8 JSON file: {err}") from None
-    if not isinstance(parity, dict):
-        raise ServeError(f"{path} must hold a JSON object, got a JSON {type(parity).__name__}")
-    return parity
