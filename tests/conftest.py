@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import DictConfig, OmegaConf
@@ -157,8 +158,9 @@ def exported(sample_pixels, tmp_path_factory):
     """A 64-px model exported in every format, parity measured on the real sample images; shared by export and serve tests."""
     import keras
 
+    from dermascan.classes import INDEX
     from dermascan.export import export_model
-    from dermascan.modeling.model import build_model
+    from dermascan.modeling.model import build_model, inference_model
     from dermascan.runtime import TFLITE_KINDS
 
     images, labels = sample_pixels
@@ -167,9 +169,15 @@ def exported(sample_pixels, tmp_path_factory):
                               bn_momentum=0.0))
     with_real_statistics(model, base, images)
     out_dir = tmp_path_factory.mktemp("export") / "export"
+    # A referral operating point at the median score of the samples, so that about half of them are referred.
+    served = inference_model(model, 1.7).predict(images.astype("float32"), verbose=0)
+    codes = ["AK", "BCC", "MEL", "SCC"]
+    threshold = float(np.median(served[:, [INDEX[code] for code in codes]].sum(axis=1)))
+    referral = {"classes": codes, "threshold": threshold, "target_sensitivity": 0.95, "chosen_on": "test fixture",
+                "val": {"sensitivity": 0.9, "specificity": 0.5, "n": 100, "n_positive": 40}}
     report = export_model(
         model, out_dir, image_size=EXPORT_SIZE, tflite=TFLITE_KINDS, resize_method="bilinear", temperature=1.7,
-        parity_images=images, parity_labels=labels, representative=images[::4],
+        parity_images=images, parity_labels=labels, representative=images[::4], referral=referral,
         min_agreement=0.0, latency_runs=10, card="# tiny test model\n\nNot trained; not a diagnosis.\n",
     )
     return model, out_dir, report

@@ -13,7 +13,7 @@ import pytest
 
 from dermascan.classes import CODES, INDEX
 from dermascan.errors import DataError
-from dermascan.evaluation import analysis
+from dermascan.evaluation import analysis, scoring
 from dermascan.evaluation.metrics import classification_metrics
 
 # id, label, predicted, probability of the predicted class, source, site, age, sex
@@ -30,7 +30,10 @@ ROWS = [
 
 
 def frames(rows=ROWS) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(predictions.csv, manifest) for ``rows``: the predicted class gets p, the others share 1 - p."""
+    """(predictions.csv, manifest) for ``rows``: the predicted class gets p, the others share 1 - p.
+
+    predictions.csv is exactly the ISIC submission layout: the labels are in the manifest (and ground_truth.csv).
+    """
     probabilities = []
     for _, _, predicted, p, *_ in rows:
         row = np.full(len(CODES), (1 - p) / (len(CODES) - 1))
@@ -38,7 +41,6 @@ def frames(rows=ROWS) -> tuple[pd.DataFrame, pd.DataFrame]:
         probabilities.append(row)
     predictions = pd.DataFrame(probabilities, columns=list(CODES))
     predictions.insert(0, "image", [r[0] for r in rows])
-    predictions["label"] = [r[1] for r in rows]
     manifest = pd.DataFrame({
         "image_id": [r[0] for r in rows],
         "path": [f"/x/{r[0]}.jpg" for r in rows],
@@ -54,13 +56,20 @@ def frames(rows=ROWS) -> tuple[pd.DataFrame, pd.DataFrame]:
     return predictions, manifest
 
 
+def truth_file(predictions: pd.DataFrame, manifest: pd.DataFrame, path: Path) -> pd.Series:
+    """ground_truth.csv of ``manifest``'s labels, written as evaluation writes it and read back as load() reads it."""
+    scoring.write(scoring.ground_truth(manifest["image_id"], manifest["label"], CODES), path, float_format=None)
+    return scoring.labels(pd.read_csv(path), CODES)
+
+
 @pytest.fixture
 def table(tmp_path) -> pd.DataFrame:
     """The joined table, through a CSV round trip as load() reads it (missing values NaN, pandas' str dtype)."""
     predictions, manifest = frames()
     predictions.to_csv(tmp_path / "p.csv", index=False)
     manifest.to_csv(tmp_path / "m.csv", index=False)
-    return analysis.join_predictions(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "m.csv"))
+    truth = truth_file(predictions, manifest, tmp_path / "t.csv")
+    return analysis.join_predictions(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "m.csv"), truth)
 
 
 # Tables ------------------------------------------------------------------------------
@@ -74,25 +83,36 @@ def test_join_adds_the_prediction_columns(table):
     assert table.loc[0, "true_probability"] == pytest.approx(0.9)
     assert math.isnan(table.loc[7, "true_probability"])
     assert list(table["correct"]) == [True, False, True, True, False, True, False, None]
-    assert list(table["age_band"]) == ["<30", "30–44", "45–59", "unknown", "≥75", "≥75", "30–44", "<30"]
+    assert list(table["age_band"]) == ["<30", "30–49", "50–69", "unknown", "≥70", "≥70", "30–49", "<30"]
+    assert list(table["label"].fillna("none")) == [r[1] or "none" for r in ROWS]  # from the manifest
 
 
-def test_join_refuses_orphans_and_disagreeing_labels():
+def test_join_refuses_orphans_and_disagreeing_labels(tmp_path):
     predictions, manifest = frames()
+    truth = truth_file(predictions, manifest, tmp_path / "t.csv")
+    assert len(truth) == 7  # h has no 8-class label: not in the truth file
     with pytest.raises(DataError, match="not in the manifest"):
         analysis.join_predictions(predictions, manifest[manifest["image_id"] != "c"])
-    manifest.loc[0, "label"] = "NV"
+    with pytest.raises(DataError, match="missing from ground_truth.csv"):
+        analysis.join_predictions(predictions, manifest, truth.drop("c"))
+    changed = manifest.copy()
+    changed.loc[0, "label"] = "NV"
     with pytest.raises(DataError, match="disagree"):
-        analysis.join_predictions(predictions, manifest)
+        analysis.join_predictions(predictions, changed, truth)
+    # a run dir from before issue 14: its predictions.csv carries the truth in a trailing label column
+    legacy = predictions.assign(label=manifest["label"])
+    assert list(analysis.join_predictions(legacy, manifest).columns) == list(analysis.join_predictions(predictions, manifest).columns)
+    with pytest.raises(DataError, match="disagree"):
+        analysis.join_predictions(legacy, changed)
     with pytest.raises(DataError, match="lacks the columns"):
         analysis.join_predictions(predictions.drop(columns="MEL"), manifest)
 
 
 @pytest.mark.parametrize(
     "age, band",
-    [(0, "<30"), (29, "<30"), (29.9, "<30"), (30, "30–44"), (44, "30–44"), (45, "45–59"), (59, "45–59"),
-     (60, "60–74"), (74, "60–74"), (75, "≥75"), (85, "≥75"), (None, "unknown"), (float("nan"), "unknown"),
-     ("", "unknown"), ("unknown", "unknown"), (-5, "unknown"), ("40", "30–44")],
+    [(0, "<30"), (29, "<30"), (29.9, "<30"), (30, "30–49"), (44, "30–49"), (49, "30–49"), (50, "50–69"),
+     (69, "50–69"), (70, "≥70"), (85, "≥70"), (None, "unknown"), (float("nan"), "unknown"),
+     ("", "unknown"), ("unknown", "unknown"), (-5, "unknown"), ("40", "30–49")],
 )
 def test_age_band(age, band):
     assert analysis.age_band(age) == band
@@ -111,9 +131,9 @@ def expected(rows: dict) -> pd.DataFrame:
         ("site", [("back", 3, 1, 2, 0.75, 2 / 3, 0), ("face", 1, 0, 1, 1.0, 1.0, 1), ("unknown", 3, 2, 2, 0.25, 1 / 3, 0)]),
         # S2: NV ok, NV->MEL, BCC ok, BCC->NV: recalls 1/2, 1/2. isic2018_test: only h, nothing to score.
         ("source", [("S2", 4, 2, 2, 0.5, 0.5, 0), ("S1", 3, 1, 2, 0.75, 2 / 3, 0), ("isic2018_test", 0, 0, 0, None, None, 1)]),
-        # <30: a ok (+ h); 30-44: b, g wrong; 45-59: c ok; >=75: e wrong, f ok; unknown: d ok. No 60-74 row.
-        ("age_band", [("<30", 1, 0, 1, 1.0, 1.0, 1), ("30–44", 2, 2, 2, 0.0, 0.0, 0), ("45–59", 1, 0, 1, 1.0, 1.0, 0),
-                      ("≥75", 2, 1, 2, 0.5, 0.5, 0), ("unknown", 1, 0, 1, 1.0, 1.0, 0)]),
+        # <30: a ok (+ h); 30-49: b, g wrong; 50-69: c ok; >=70: e wrong, f ok; unknown: d ok.
+        ("age_band", [("<30", 1, 0, 1, 1.0, 1.0, 1), ("30–49", 2, 2, 2, 0.0, 0.0, 0), ("50–69", 1, 0, 1, 1.0, 1.0, 0),
+                      ("≥70", 2, 1, 2, 0.5, 0.5, 0), ("unknown", 1, 0, 1, 1.0, 1.0, 0)]),
         # male: a ok, c ok, e wrong, f ok, g wrong: top-1 3/5; recalls MEL 1, NV 1/2, BCC 1/2 -> 2/3.
         ("sex", [("male", 5, 2, 3, 2 / 3, 0.6, 0), ("female", 1, 1, 1, 0.0, 0.0, 1), ("unknown", 1, 0, 1, 1.0, 1.0, 0)]),
     ],
@@ -177,6 +197,37 @@ def test_confusion_matrix_and_headline(table):
     assert headline.loc["balanced_accuracy", "value"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
     assert headline.loc["balanced_accuracy", ["ci_low", "ci_high"]].tolist() == [0.1, 0.9]
     assert headline.loc["mean_auc", "ci_low"] is None
+
+
+def test_referral_and_subgroup_tables_read_metrics_json(table):
+    from dermascan.evaluation.referral import (
+        needs_referral,
+        operating_point,
+        referral_score,
+    )
+    from dermascan.evaluation.subgroups import evaluate_subgroups
+
+    labelled = table[table["label"].notna()]
+    scores = referral_score(labelled[list(CODES)].to_numpy(), [INDEX["MEL"]])
+    needs = needs_referral(labelled["label"], ["MEL"])
+    referral = operating_point(scores, needs, scores, needs, ["MEL"], 0.5, "p", n_resamples=50, seed=0)
+    groups = evaluate_subgroups(table, table[list(CODES)].to_numpy(), ["MEL"],
+                                referral_score(table[list(CODES)].to_numpy(), [INDEX["MEL"]]), referral["threshold"],
+                                referral["test"]["sensitivity"]["estimate"], min_images=30, n_resamples=50, seed=0)
+    evaluation = {"split": "test", "referral": referral, "subgroups": groups}
+    rates = analysis.referral_table(evaluation)
+    assert list(rates.index) == ["sensitivity", "specificity", "ppv", "npv", "referrals_per_100"]
+    # MEL images a (0.9) and b (0.8/7): 1 of 2 needed, so the threshold is a's MEL probability
+    assert rates.loc["sensitivity", "value"] == 0.5 and rates.loc["sensitivity", "val"] == 0.5
+    # referred: a, and e (NV, called MEL at 0.95): 2 of the 7 labelled images; 4 of the 5 others not referred
+    assert rates.loc["referrals_per_100", "value"] == pytest.approx(200 / 7)
+    assert rates.loc["specificity", "value"] == pytest.approx(4 / 5)
+    assert analysis.referral_table({"referral": {"skipped": "why"}}).empty
+    by_site = analysis.subgroup_table(evaluation, "site")
+    assert list(by_site.index) == ["back", "face", "unknown"]  # largest first, unknown last; h is unlabelled
+    assert by_site.loc["back", "n"] == 3 and by_site.loc["back", "flags"] == "small"
+    assert by_site.loc["back", "balanced_accuracy"] == pytest.approx(0.75)  # as breakdown computes it
+    assert analysis.subgroup_table({}).empty
 
 
 # Figures -----------------------------------------------------------------------------

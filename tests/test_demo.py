@@ -80,3 +80,25 @@ def test_demo_ingests_with_every_class_in_every_split(tmp_path):
     assert list(excluded) == ["ambiguous AKIEC (AK or SCC) not relabelled by ISIC 2019 (data.akiec=drop)"]
     assert excluded[list(excluded)[0]]["count"] == 2
     assert result.summary["duplicates_merged"]["images_in_several_releases"] > 0
+
+
+def test_demo_metadata_gives_every_subgroup_offline(tmp_path):
+    """Age, sex and site as ISIC writes them, so the subgroup metrics run on the demo too."""
+    from dermascan.evaluation.subgroups import assign
+
+    cfg = compose_config(
+        "ingest",
+        [f"data.root={tmp_path / 'raw'}", f"data.processed_dir={tmp_path / 'out'}", "data.demo.images_per_class=20",
+         "data.demo.min_side=48", "data.demo.max_side=64"],
+        IngestConfig,
+    )
+    manifest = ingest(cfg).manifest
+    in_2019 = manifest["source"].str.contains("isic2019_train")
+    known = manifest[in_2019]
+    assert known[["age", "sex", "site"]].notna().all().all()  # every ISIC 2019 demo image has its metadata
+    assert known["age"].between(20, 80).all() and (known["age"] % 5 == 0).all()  # age_approx: multiples of 5
+    assert set(known["sex"]) == {"male", "female"} and set(known["site"]) == set(demo.SITES)
+    assert manifest.loc[~in_2019, ["age", "sex", "site"]].isna().all().all()  # 2018-only: no metadata, as in ISIC
+    groups = assign(manifest)
+    assert {"<30", "30–49", "50–69", "≥70"} <= set(groups["age_band"])
+    assert set(groups["collection"]) == {"HAM10000", "other"}  # the 2018 share is HAM10000 by its source

@@ -428,3 +428,16 @@ def test_isic2018_case_from_8_class_probabilities_matches_official_scorer(golden
     m = classification_metrics(y, folded, classes=CODES_2018)
     assert_matches_goldens(m, case, binary_accuracy(y, folded))
     assert m["per_class"]["AKIEC"]["support"] == 11
+
+
+def test_percentile_interval_and_the_ci_shape():
+    from dermascan.evaluation.metrics import bootstrap_interval, percentile_interval
+
+    values = np.arange(1001) / 1000  # 0.000 ... 1.000
+    assert percentile_interval(values) == pytest.approx((0.025, 0.975))
+    assert percentile_interval(values, 0.5) == pytest.approx((0.25, 0.75))
+    assert percentile_interval(np.array([])) == (None, None)
+    interval = bootstrap_interval(values, 0.5, 0.95, 1200)
+    assert interval == {"estimate": 0.5, "low": pytest.approx(0.025), "high": pytest.approx(0.975), "level": 0.95,
+                        "n_resamples": 1200, "n_used": 1001}
+    assert bootstrap_interval(np.array([]), 0.4, 0.95, 0)["low"] is None

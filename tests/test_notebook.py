@@ -148,6 +148,18 @@ def test_notebook_runs_on_the_debug_run(debug_run, isolated_kernel):
     for by in analysis.BREAKDOWNS:
         assert all(str(group) in tables for group in analysis.breakdown(expected.table, by).index), by
 
+    section = tagged(nb, "referral-subgroups")
+    markdown = "".join(outputs(section, "text/markdown"))
+    referral = expected.evaluation["referral"]
+    assert "threshold" in referral, referral  # the debug run's val split holds images needing referral
+    assert f"≥ {referral['threshold']:.4f}" in markdown and referral["verdict"][1:] in markdown
+    rates = text(section)
+    assert all(rate in rates for rate in ("sensitivity", "specificity", "ppv", "npv", "referrals_per_100"))
+    for dimension, groups in expected.evaluation["subgroups"]["dimensions"].items():
+        assert f"Subgroups by {dimension.replace('_', ' ')}" in markdown
+        assert all(str(group) in rates for group in groups), dimension
+    assert len(outputs(section, "image/png")) == 1
+
     gradcam = tagged(nb, "gradcam")
     assert len(outputs(gradcam, "image/png")) == 1
     assert all(image_id in text(gradcam) for image_id in errors["image_id"][:2])

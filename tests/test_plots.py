@@ -308,6 +308,64 @@ def test_training_empty_history_draws_without_warnings() -> None:
     assert any("no epochs logged" in t.get_text() for t in fig.axes[0].texts)
 
 
+# Referral ROC and subgroups ----------------------------------------------------------
+
+
+def test_referral_roc_marks_the_operating_point(tmp_path: Path) -> None:
+    needs = np.array([True, True, True, True, False, False, False, False])
+    scores = np.array([0.9, 0.7, 0.6, 0.2, 0.65, 0.3, 0.1, 0.05])
+    with no_warnings():
+        fig = plots._referral_figure(needs, scores, threshold=0.6, target=0.75, val_point=(0.8, 0.7))
+        fig.canvas.draw()
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    point = next(line for label, line in lines.items() if label.startswith("operating point"))
+    # score >= 0.6 refers 3 of 4 needing it and 1 of 4 others: (1 - specificity, sensitivity) = (0.25, 0.75)
+    assert (point.get_xdata()[0], point.get_ydata()[0]) == (0.25, 0.75)
+    assert "sensitivity 0.750, specificity 0.750" in point.get_label() and "score ≥ 0.6" in point.get_label()
+    val = next(line for label, line in lines.items() if label.startswith("on val"))
+    assert (val.get_xdata()[0], val.get_ydata()[0]) == pytest.approx((0.3, 0.8))
+    curve = next(line for label, line in lines.items() if label.startswith("referral score"))
+    assert f"AUC {pairwise_auc(needs, scores):.3f}" in curve.get_label()
+    assert any("target sensitivity 0.75" in t for t in legend_texts(ax))
+    assert_png(plots.referral_roc(needs, scores, 0.6, tmp_path / "referral_roc.png", target=0.75), (800, 800))
+
+
+def test_referral_roc_without_negatives_draws_no_curve() -> None:
+    with no_warnings():
+        fig = plots._referral_figure(np.ones(4, bool), np.linspace(0, 1, 4), threshold=0.5)
+        fig.canvas.draw()
+    assert any("ROC undefined" in t.get_text() for t in fig.axes[0].texts)
+    with pytest.raises(ValueError, match="same 1-D shape"):
+        plots._referral_figure(np.ones(4, bool), np.ones(3), threshold=0.5)
+
+
+def subgroups_result() -> dict:
+    def group(n, ba, sens, flags):
+        interval = None if sens is None else {"estimate": sens, "low": sens - 0.1, "high": min(sens + 0.1, 1.0)}
+        return {"n": n, "balanced_accuracy": {"estimate": ba, "low": ba - 0.1, "high": ba + 0.1},
+                "referral_sensitivity": interval, "flags": flags}
+
+    return {"split": "test", "min_images": 30, "overall_referral_sensitivity": 0.9, "overall_balanced_accuracy": 0.6,
+            "dimensions": {"sex": {"male": group(100, 0.6, 0.92, []), "female": group(90, 0.55, 0.6, ["below overall"])},
+                           "site": {"palms/soles": group(12, 0.4, None, ["small"])}}}
+
+
+def test_subgroups_forest_plot(tmp_path: Path) -> None:
+    with no_warnings():
+        fig = plots._subgroup_figure(subgroups_result())
+        fig.canvas.draw()
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_yticklabels()] == ["sex: male (n=100)", "sex: female (n=90)",
+                                                                 "site: palms/soles (n=12)"]
+    colours = {line.get_ydata()[0]: line.get_color() for line in right.get_lines() if line.get_marker() == "o"}
+    assert colours == {0: "tab:blue", 1: "tab:red"}  # no sensitivity for palms/soles; female below overall
+    grey = [line for line in left.get_lines() if line.get_marker() == "o" and line.get_ydata()[0] == 2]
+    assert grey and grey[0].get_color() == "0.6"  # small
+    assert any("overall 0.900" in t for t in legend_texts(right)) and any("overall 0.600" in t for t in legend_texts(left))
+    assert_png(plots.subgroups_plot(subgroups_result(), tmp_path / "subgroups.png"), (1200, 200))
+
+
 def test_no_pyplot_figures_left_open() -> None:
     before = Gcf.get_num_fig_managers()
     y = np.arange(16) % K
@@ -315,5 +373,7 @@ def test_no_pyplot_figures_left_open() -> None:
     plots._confusion_figure(np.eye(K, dtype=int))
     plots._reliability_figure(bins_with_empties())
     plots._training_figure(history(), phase1_epochs=3)
+    plots._referral_figure(np.array([True, False]), np.array([0.9, 0.1]), 0.5)
+    plots._subgroup_figure(subgroups_result())
     assert Gcf.get_num_fig_managers() == before
     assert not hasattr(plots, "plt")

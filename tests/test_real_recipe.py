@@ -30,9 +30,10 @@ pytestmark = [
 
 def short_real_run(tmp_path: Path, data_dir: Path, *extra: str) -> tuple[dict, pd.DataFrame, str]:
     """isic_cpu on isic-dev at 128 px: 2 head epochs, 2 fine-tuning epochs of 60 steps each (about 2 minutes)."""
+    named = {override.split("=")[0] for override in extra}
     cfg = compose_config(
         "train",
-        [
+        [override for override in [
             "experiment=isic_cpu", f"data.root={DEV_ROOT}", "data.releases=[isic2019_train]", "data.missing=skip",
             f"model.weights={WEIGHTS}", "model.image_size=128", "data.cache.size=128",
             f"paths.data_dir={data_dir}", f"paths.runs_dir={tmp_path / 'runs'}", f"run_dir={tmp_path / 'run'}",
@@ -41,8 +42,7 @@ def short_real_run(tmp_path: Path, data_dir: Path, *extra: str) -> tuple[dict, p
             # 120 fine-tuning steps are too few for a 0.998 average to move off phase 1's weights: without
             # it, the test sees phase 2's own weights (and the old recipe's collapse), which is its point.
             "train.ema_momentum=null",
-            *extra,
-        ],
+        ] if override.split("=")[0] not in named] + list(extra),
         RunConfig,
     )
     metrics, _ = train(cfg)
@@ -79,3 +79,48 @@ def test_the_old_phase_2_collapses_and_the_review_says_so(tmp_path, data_dir):
     assert any(w.startswith("phase 2 collapsed") for w in warnings)
     assert "**Warning: phase 2 collapsed" in report
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]["warnings"] == warnings
+
+
+def test_on_device_formats_of_a_real_model_meet_the_targets_or_are_dropped_with_the_reason(tmp_path, data_dir):
+    """Issue 17: train ends 0 whatever the gate says; each format is kept only if it meets its target, else dropped
+    and named in parity.json, report.md and the model card; int8_full is at most 0.3x fp32 and keeping Shades of
+    Gray and the depthwise convolutions in float agrees better with Keras than int8 everywhere."""
+    import numpy as np
+
+    from dermascan.classes import INDEX
+    from dermascan.evaluation.parity import top1_agreement
+    from dermascan.export import convert_tflite
+    from dermascan.rundir import load_images, load_run, sample_rows
+    from dermascan.runtime import tflite_predictor
+
+    metrics, _, report = short_real_run(
+        tmp_path, data_dir, "export.enabled=true", "export.tflite=[fp32,fp16,int8_full]", "export.parity_samples=400",
+        "export.latency_runs=5",
+    )
+    export = tmp_path / "run" / "export"
+    parity = json.loads((export / "parity.json").read_text())
+    formats = parity["formats"]
+    card = (export / "model_card.md").read_text()
+    targets = {"tflite_fp32": 0.999, "tflite_fp16": 0.995, "tflite_int8_full": 0.97}
+    for name, bar in targets.items():
+        result = formats[name]
+        meets = result["top1_agreement"] >= bar and result["balanced_accuracy_difference"]["high"] >= -0.01
+        assert result["kept"] is meets, (name, result)
+        assert (export / result["file"]).is_file() is meets
+        if not meets:
+            assert name in metrics["export_dropped"] and f"**Dropped:** {name}:" in report and f"**Dropped:** {name}:" in card
+    assert formats["tflite_fp32"]["kept"]
+    assert formats["tflite_int8_full"]["size_vs_fp32"] <= 0.3
+
+    # The fix against plain int8 on the same parity images.
+    run = load_run(tmp_path / "run")
+    rows = run.manifest[run.manifest["split"] == "test"]
+    rows = sample_rows(rows[rows["label"].notna()], 400, int(run.cfg.seed))
+    images = load_images(rows, 128, run.cache)
+    train_rows = run.manifest[run.manifest["split"] == "train"]
+    representative = load_images(sample_rows(train_rows, 200, int(run.cfg.seed)), 128, run.cache)
+    reference = tflite_predictor(export / "model_fp32.tflite")(images)
+    plain = tflite_predictor(convert_tflite(export / "saved_model", "int8_full", representative))(images)
+    assert formats["tflite_int8_full"]["top1_agreement"] >= top1_agreement(reference, plain), (
+        formats["tflite_int8_full"], top1_agreement(reference, plain))
+    assert len(rows["label"].map(INDEX).unique()) == 8 and np.isfinite(plain).all()

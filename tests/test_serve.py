@@ -28,7 +28,7 @@ import uvicorn
 from PIL import Image
 
 from dermascan.checksums import ManifestError, verify_manifest
-from dermascan.classes import CLASSES
+from dermascan.classes import CLASSES, INDEX
 from dermascan.data.cache import resize_image
 from dermascan.errors import DermascanError
 from dermascan.runtime import load_predictor
@@ -182,7 +182,8 @@ def test_served_probabilities_equal_the_exported_model_on_every_sample(client, p
 def test_response_fields(client):
     path = sample_paths()[7]
     body = post_file(client, path.read_bytes(), path.name).json()
-    assert set(body) == {"predictions", "top", "disclaimer", "model_version", "version", "runtime", "latency_ms", "image"}
+    assert set(body) == {"referral", "predictions", "top", "disclaimer", "model_version", "version", "runtime",
+                         "latency_ms", "image"}
     probabilities = [row["probability"] for row in body["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 1e-5
     assert [set(row) for row in body["predictions"]] == [{"code", "name", "probability"}] * len(CLASSES)
@@ -192,6 +193,44 @@ def test_response_fields(client):
     assert "not a diagnosis" in body["disclaimer"].lower()
     assert body["model_version"] and body["runtime"] == "tflite" and 0 < body["latency_ms"] < 10_000
     assert body["image"] == {"format": "JPEG", "width": 224, "height": 224, "orientation": 1, "draft_scale": 1}
+
+
+def test_referral_over_http_applies_the_labels_json_operating_point(client, export_dir):
+    """The served decision is labels.json's rule on the served probabilities: the phone can apply it identically."""
+    contract = json.loads((export_dir / "labels.json").read_text())["referral"]
+    assert contract["classes"] == ["AK", "BCC", "MEL", "SCC"] and contract["indices"] == [INDEX[c] for c in contract["classes"]]
+    decisions = []
+    for path in sample_paths()[1::8]:  # 30 of the 240
+        body = post_file(client, path.read_bytes(), path.name).json()
+        referral = body["referral"]
+        score = sum(row["probability"] for row in body["predictions"] if row["code"] in contract["classes"])
+        assert referral["score"] == pytest.approx(score, abs=1e-6)
+        assert referral["threshold"] == contract["threshold"]
+        assert referral["recommended"] is (referral["score"] >= contract["threshold"])
+        assert referral["classes"] == contract["classes"]
+        assert (referral["val_sensitivity"], referral["val_specificity"]) == (0.9, 0.5)
+        decisions.append(referral["recommended"])
+    assert 0 < sum(decisions) < len(decisions), decisions  # the threshold sits inside the scores: both answers occur
+    assert client.get("/v1/model").json()["referral"]["threshold"] == contract["threshold"]
+
+
+def test_an_export_without_referral_serves_null_and_a_malformed_one_is_refused(export_dir, tmp_path):
+    from dermascan.checksums import write_manifest
+    from dermascan.serve.model import ServeError, load_model
+
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    labels = json.loads((copy / "labels.json").read_text())
+    labels["referral"] = None  # an export from before the operating point existed
+    (copy / "labels.json").write_text(json.dumps(labels))
+    write_manifest(copy)
+    served_model = load_model(copy, "tflite")
+    assert served_model.referral_of(np.full(8, 0.125)) is None
+    labels["referral"] = {"indices": [0, 9], "threshold": 0.3}
+    (copy / "labels.json").write_text(json.dumps(labels))
+    write_manifest(copy)
+    with pytest.raises(ServeError, match="'referral' needs class 'indices'"):
+        load_model(copy, "tflite")
 
 
 def test_savedmodel_runtime_gives_the_same_answers(export_dir):

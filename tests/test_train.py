@@ -37,7 +37,7 @@ def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
     assert test["ci"]["balanced_accuracy"]["n_resamples"] == 200 and "MEL" in test["per_class"]
     assert metrics["test"]["balanced_accuracy"] == test["balanced_accuracy"]
     predictions = pd.read_csv(run_dir / "predictions.csv")
-    assert list(predictions.columns) == ["image", "AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC", "label"]
+    assert list(predictions.columns) == ["image", "AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC"]
     np.testing.assert_allclose(predictions.iloc[:, 1:9].sum(axis=1), 1.0, atol=1e-4)
     assert json.loads((run_dir / "class_weights.json").read_text())["mode"] == "balanced"
     exported = keras.models.load_model(artifacts["export"] / "model.keras")
@@ -58,6 +58,11 @@ def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
     assert training < report.index("## Overall")
     assert f"epoch {review['best_epoch']} (phase {review['best_phase']})" in report
     assert all(f"**Warning: {w}.**" in report for w in review["warnings"])
+    # The export's parity gate in the report: every format kept or refused, and nothing dropped silently.
+    parity = json.loads((artifacts["export"] / "parity.json").read_text())
+    assert "## On-device formats (parity with Keras)" in report
+    assert all(f"| {name} | " in report for name in parity["formats"])
+    assert metrics["export_dropped"] == dict(parity["dropped"])
 
 
 def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
@@ -87,6 +92,18 @@ def test_debug_run_is_one_mlflow_run_with_both_phases(debug_run):
 
 
 @pytest.mark.integration
+def test_only_formats_named_on_the_command_line_are_required():
+    from omegaconf import OmegaConf
+
+    from dermascan.train import named_formats
+
+    cfg = OmegaConf.create({"export": {"tflite": ["fp32", "int8_full"]}})
+    assert named_formats(["experiment=isic", "export.enabled=true"], cfg) == []
+    assert named_formats(["export.tflite=[fp32,int8_full]"], cfg) == ["fp32", "int8_full"]
+    assert named_formats(["+export.tflite=[fp32,int8_full]"], cfg) == ["fp32", "int8_full"]
+    assert named_formats(["export.tflite_extra=1"], cfg) == []
+
+
 def test_image_broken_in_the_cache_stops_training_naming_the_file(tmp_path):
     from dermascan.errors import DataError
     from dermascan.ingest import ingest
@@ -283,7 +300,9 @@ def test_recipe_defaults_and_isic_experiment(tmp_path):
     assert cpu.train.phase1.epochs + cpu.train.phase2.epochs == 15 and cpu.model.image_size == cpu.data.cache.size == 160
     assert cpu.train.ema_momentum == 0.998 and cfg.train.ema_momentum is None
     assert cpu.train.sampler == "balanced" and cpu.model.color_constancy == "shades_of_gray"
-    assert list(cfg.export.tflite) == list(cpu.export.tflite) == ["fp32", "fp16"]
+    # Issue 17: int8_full is a default again (a failing optional format is dropped, not fatal); int8_dynamic is not.
+    assert list(cfg.export.tflite) == list(cpu.export.tflite) == ["fp32", "fp16", "int8_full"]
+    assert cfg.export.int8_float_ops == ["DEPTHWISE_CONV_2D"] and cfg.export.int8_float_layers == ["shades_of_gray"]
     demo = compose_config("train", [f"run_dir={tmp_path}"], RunConfig)
     assert demo.data.name == "demo" and demo.model.weights is None
     assert demo.train.sampler == "shuffle" and demo.model.color_constancy == "none"

@@ -9,9 +9,11 @@ A training run dir (``python -m dermascan.train``)::
     checkpoints/best.keras     the best epoch across phases: what is evaluated and exported
     checkpoints/phase1_end.weights.h5, backup/   resume points
     predictions.csv            exactly the ISIC submission layout: image, then one column per class
-    predictions_isic2018.csv   the 2018 7-class scheme (data.split=official only)
+    ground_truth.csv           the truth of its labelled images, in the official ISIC ground-truth layout (one-hot)
+    predictions_isic2018.csv   the 2018 7-class scheme (data.split=official only), and ground_truth_isic2018.csv
     metrics.json, report.md, calibration.json, summary.json
-    plots/                     roc_curves.png, confusion_matrix.png, reliability.png, training_curves.png
+    plots/                     roc_curves.png, confusion_matrix.png, reliability.png, training_curves.png,
+                               referral_roc.png, subgroups.png
     eval/<split>_tta-<tta>/    re-evaluations (python -m dermascan.evaluate)
     export/                    the export dir
     mlflow_run_id.txt          the MLflow run the stages log to
@@ -49,6 +51,8 @@ PHASE1_WEIGHTS = f"{CHECKPOINTS}/phase1_end.weights.h5"
 BACKUP = "backup"
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_2018 = "predictions_isic2018.csv"
+GROUND_TRUTH = "ground_truth.csv"
+GROUND_TRUTH_2018 = "ground_truth_isic2018.csv"
 METRICS = "metrics.json"
 REPORT = "report.md"
 CALIBRATION = "calibration.json"
@@ -58,6 +62,8 @@ ROC_CURVES = "roc_curves.png"
 CONFUSION_MATRIX = "confusion_matrix.png"
 RELIABILITY = "reliability.png"
 TRAINING_CURVES = "training_curves.png"
+REFERRAL_ROC = "referral_roc.png"
+SUBGROUPS_PLOT = "subgroups.png"
 EVAL = "eval"
 EXPORT = "export"
 MLFLOW_RUN_ID = "mlflow_run_id.txt"

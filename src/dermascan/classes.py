@@ -86,6 +86,10 @@ CLASSES: tuple[LesionClass, ...] = (
 CODES: tuple[str, ...] = tuple(c.code for c in CLASSES)
 INDEX: dict[str, int] = {code: i for i, code in enumerate(CODES)}
 BY_CODE: dict[str, LesionClass] = {c.code: c for c in CLASSES}
+#: The categories a doctor should see. The referral score sums the classes in them by default
+#: (``evaluate.referral.classes: null``; see ``dermascan.evaluation.referral``).
+REFERRAL_CATEGORIES: tuple[Category, ...] = (Category.MALIGNANT, Category.PRE_MALIGNANT)
+REFERRAL_CODES: tuple[str, ...] = tuple(c.code for c in CLASSES if c.category in REFERRAL_CATEGORIES)
 
 # Ground-truth columns of the official files.
 ISIC2019_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")

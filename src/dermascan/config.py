@@ -91,7 +91,12 @@ def load_saved_run_config(path: Path) -> tuple[DictConfig, list[str]]:
     saved = OmegaConf.load(path)
     base = _composed("train", ["~experiment"])
     absent = object()
-    filled = sorted(k for k in _leaf_keys(base) if OmegaConf.select(saved, k, default=absent) is absent)
+    migrated = []
+    bar = OmegaConf.select(saved, "export.min_agreement")
+    if isinstance(bar, (int, float)):  # saved before the bar was per TFLite kind: it was one bar for all
+        saved.export.min_agreement = {kind: bar for kind in base.export.min_agreement}
+        migrated.append(f"export.min_agreement (its one bar, {bar}, is now each TFLite kind's)")
+    filled = sorted(k for k in _leaf_keys(base) if OmegaConf.select(saved, k, default=absent) is absent) + migrated
     return validate(OmegaConf.merge(base, saved), RunConfig), filled
 
 
@@ -355,6 +360,17 @@ class TrainConfig:
 
 
 @dataclass
+class ReferralConfig:
+    classes: Optional[list[str]] = MISSING  # codes summed by the referral score; null: classes.REFERRAL_CODES
+    target_sensitivity: float = MISSING  # the threshold is chosen on val to reach it
+
+
+@dataclass
+class SubgroupsConfig:
+    min_images: int = MISSING  # a subgroup with fewer images is reported but flagged "small"
+
+
+@dataclass
 class EvaluateConfig:
     split: Split = MISSING
     batch_size: int = MISSING
@@ -363,13 +379,20 @@ class EvaluateConfig:
     min_calibration_images: int = MISSING
     bootstrap_resamples: int = MISSING
     calibration_bins: int = MISSING
+    referral: ReferralConfig = field(default_factory=ReferralConfig)
+    subgroups: SubgroupsConfig = field(default_factory=SubgroupsConfig)
 
 
 @dataclass
 class ExportConfig:
     enabled: bool = MISSING
     tflite: list[TfliteKind] = MISSING
-    min_agreement: float = MISSING
+    min_agreement: dict[str, float] = MISSING  # per TFLite kind; keras and savedmodel use fp32's
+    max_balanced_accuracy_drop: float = MISSING
+    min_decision_agreement: float = MISSING
+    bootstrap_resamples: int = MISSING
+    int8_float_ops: list[str] = MISSING  # TFLite op types int8_full keeps in float
+    int8_float_layers: list[str] = MISSING  # Keras layer names int8_full keeps in float
     parity_samples: Optional[int] = MISSING  # null: the whole split
     parity_split: Split = MISSING
     representative_samples: int = MISSING
@@ -612,11 +635,30 @@ def _check_seed(key: str, seed: Any) -> None:
 def _check_evaluate(evaluate: Any) -> None:
     if evaluate.bootstrap_resamples < 0 or evaluate.calibration_bins < 1 or evaluate.batch_size < 1:
         raise ConfigError("evaluate.bootstrap_resamples must be >= 0, calibration_bins and batch_size >= 1")
+    # Imported here, not at the top: this module stays free of numpy for the serving path's configs.
+    from dermascan.evaluation.referral import check_target, referral_codes
+
+    referral_codes(evaluate.referral.classes)
+    check_target(evaluate.referral.target_sensitivity)
+    if evaluate.subgroups.min_images < 1:
+        raise ConfigError(f"evaluate.subgroups.min_images must be >= 1, got {evaluate.subgroups.min_images}")
 
 
 def _check_export(export: Any) -> None:
-    if not 0.0 <= export.min_agreement <= 1.0:
-        raise ConfigError(f"export.min_agreement must be in [0, 1], got {export.min_agreement}")
+    unknown = sorted(set(export.min_agreement) - set(TfliteKind))
+    if unknown or "fp32" not in export.min_agreement:
+        raise ConfigError(
+            f"export.min_agreement needs an fp32 entry and takes only TFLite kinds ({', '.join(TfliteKind)}); "
+            f"got {dict(export.min_agreement)}"
+        )
+    for key in ("max_balanced_accuracy_drop", "min_decision_agreement"):
+        if not 0.0 <= export[key] <= 1.0:
+            raise ConfigError(f"export.{key} must be in [0, 1], got {export[key]}")
+    bad = {kind: value for kind, value in export.min_agreement.items() if not 0.0 <= value <= 1.0}
+    if bad:
+        raise ConfigError(f"export.min_agreement must be in [0, 1], got {bad}")
+    if export.bootstrap_resamples < 1:
+        raise ConfigError(f"export.bootstrap_resamples must be >= 1, got {export.bootstrap_resamples}")
     if export.parity_samples is not None and export.parity_samples < 1:
         raise ConfigError(f"export.parity_samples must be null or >= 1, got {export.parity_samples}")
 

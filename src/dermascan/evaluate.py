@@ -6,14 +6,21 @@
 
 Writes, in the output folder (the run dir by default):
 
-- ``predictions.csv``: ``image``, one probability column per class (the ISIC
-  submission layout), then the true ``label``.
-- ``predictions_isic2018.csv``: the ISIC 2018 Test images in the 2018
-  7-class layout (AKIEC = AK + SCC), when the split holds them.
+- ``predictions.csv``: exactly ``image`` and one probability column per class
+  (the ISIC submission layout); ``ground_truth.csv``: the truth of its
+  labelled images, one-hot, in the official ground-truth layout
+  (``dermascan.evaluation.scoring``).
+- ``predictions_isic2018.csv`` and ``ground_truth_isic2018.csv``: the ISIC 2018
+  Test images in the 2018 7-class layout (AKIEC = AK + SCC), when the split
+  holds them.
 - ``metrics.json``: every metric of ``dermascan.evaluation.metrics``, named exactly,
-  with bootstrap CIs, calibration and the TTA comparison.
+  with bootstrap CIs, calibration and the TTA comparison; ``referral``: the
+  referral threshold chosen on val and its rates on the split
+  (``dermascan.evaluation.referral``); ``subgroups``: metrics per age band,
+  sex, site and collection (``dermascan.evaluation.subgroups``).
 - ``calibration.json``: the temperature fitted on val (export applies it).
-- ``report.md`` and ``plots/``: ROC curves, confusion matrices, reliability diagram.
+- ``report.md`` and ``plots/``: ROC curves, confusion matrices, reliability
+  diagram, the referral score's ROC with its operating point, the subgroups.
 """
 
 from __future__ import annotations
@@ -35,14 +42,18 @@ from dermascan import cli, tracking
 from dermascan.artifacts import (
     CALIBRATION,
     CONFUSION_MATRIX,
+    GROUND_TRUTH,
+    GROUND_TRUTH_2018,
     KERAS_MODEL,
     METRICS,
     PLOTS,
     PREDICTIONS,
     PREDICTIONS_2018,
+    REFERRAL_ROC,
     RELIABILITY,
     REPORT,
     ROC_CURVES,
+    SUBGROUPS_PLOT,
     eval_dir,
     read_labels,
     read_temperature,
@@ -58,7 +69,7 @@ from dermascan.config import (
 from dermascan.data.manifest import evaluation_rows
 from dermascan.data.manifest import read as read_manifest
 from dermascan.errors import ConfigError, DataError
-from dermascan.evaluation import plots
+from dermascan.evaluation import plots, scoring
 from dermascan.evaluation.calibration import (
     TEMPERATURE_BOUNDS,
     apply_temperature,
@@ -73,7 +84,15 @@ from dermascan.evaluation.metrics import (
     reliability_bins,
     to_isic2018,
 )
+from dermascan.evaluation.referral import (
+    class_indices,
+    needs_referral,
+    operating_point,
+    referral_codes,
+    referral_score,
+)
 from dermascan.evaluation.report import render_report
+from dermascan.evaluation.subgroups import evaluate_subgroups
 from dermascan.modeling.fit import load_keras
 from dermascan.modeling.inputs import evaluation_images
 from dermascan.rundir import load_run
@@ -137,13 +156,13 @@ def score_isic2018(frame: pd.DataFrame, probabilities: np.ndarray, n_resamples: 
     return metrics
 
 
-def write_predictions(frame: pd.DataFrame, probabilities: np.ndarray, path: Path, columns=CODES, label: str = "label") -> Path:
-    table = pd.DataFrame(probabilities, columns=list(columns))
-    table.insert(0, "image", frame["image_id"].to_numpy())
-    table["label"] = frame[label].to_numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False, float_format="%.6f")
-    return path
+def write_predictions(
+    frame: pd.DataFrame, probabilities: np.ndarray, path: Path, truth_path: Path, columns=CODES, label: str = "label"
+) -> Path:
+    """The submission (exactly ``image`` + ``columns``) to ``path``, and the truth of ``frame[label]`` to ``truth_path``."""
+    ids = frame["image_id"].to_numpy()
+    scoring.write(scoring.ground_truth(ids, frame[label].to_numpy(), columns), truth_path, float_format=None)
+    return scoring.write(scoring.submission(ids, probabilities, columns), path)
 
 
 def choose_temperature(probabilities: np.ndarray, labels: pd.Series, min_images: int) -> tuple[Optional[float], str]:
@@ -218,9 +237,11 @@ def evaluate(
     if predicted.fitted:
         (out_dir / CALIBRATION).write_text(json.dumps(predicted.calibration, indent=2))
     result = score_all(predicted, cfg, seed, isic2018, out_dir)
+    result["referral"], referral_scores = score_referral(predicted, cfg, seed)
+    result["subgroups"] = score_subgroups(predicted, result["referral"], referral_scores, cfg, seed)
     if training is not None:
         result["training"] = training
-    write_plots(predicted, result, cfg, out_dir / PLOTS)
+    write_plots(predicted, result, cfg, out_dir / PLOTS, referral_scores)
     (out_dir / METRICS).write_text(json.dumps(result, indent=2))
     (out_dir / REPORT).write_text(render_report(result))
     m = result[cfg.split]
@@ -285,22 +306,91 @@ def score_all(predicted: Predicted, cfg: Any, seed: int, isic2018: bool, out_dir
         val = calibrated(predicted.val_plain, predicted.temperature)
         result["val"] = score(predicted.val_rows["label"], val, 0, seed, cfg.calibration_bins)
 
-    write_predictions(rows, headline, out_dir / PREDICTIONS)
+    write_predictions(rows, headline, out_dir / PREDICTIONS, out_dir / GROUND_TRUTH)
     in_2018 = (rows["source"].str.contains("isic2018_test", na=False) & rows["label_2018"].notna()).to_numpy()
     if isic2018 and in_2018.any():
         result["isic2018"] = score_isic2018(rows, headline, cfg.bootstrap_resamples, seed)
-        write_predictions(rows[in_2018], to_isic2018(headline[in_2018]), out_dir / PREDICTIONS_2018, CODES_2018, "label_2018")
+        write_predictions(rows[in_2018], to_isic2018(headline[in_2018]), out_dir / PREDICTIONS_2018,
+                          out_dir / GROUND_TRUTH_2018, CODES_2018, "label_2018")
     return result
 
 
-def write_plots(predicted: Predicted, result: dict[str, Any], cfg: Any, plot_dir: Path) -> None:
-    """ROC curves, the confusion matrix and the reliability diagram (before and after the temperature)."""
+def probabilities_used(calibration: dict[str, Any], temperature: Optional[float]) -> str:
+    """Which probabilities the referral threshold was chosen on, in words (metrics.json ``referral.chosen_on``)."""
+    if temperature is not None:
+        source = "from calibration.json" if calibration.get("fitted_on") == "given" else "fitted on val"
+        return f"calibrated probabilities (temperature {temperature:.3f}, {source}; one view, as the exported model)"
+    if calibration.get("skipped"):
+        return f"uncalibrated probabilities (temperature scaling not applied: {calibration['skipped']})"
+    return "the model's own probabilities (no temperature applied here: scaling off, or an exported model with its own)"
+
+
+def score_referral(predicted: Predicted, cfg: Any, seed: int) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+    """metrics.json's ``referral``, and the split's referral scores (None when skipped).
+
+    The threshold is chosen on val and the decision evaluated on the split,
+    both on the probabilities the exported model returns: one view, with
+    val's temperature (``Predicted.temperature``), even when the headline
+    metrics use TTA. Skipped, with a warning and the reason, when the split
+    is val itself or val has no labelled image needing referral.
+    """
+    codes = referral_codes(cfg.referral.classes)
+    indices = class_indices(codes)
+    if cfg.split == "val":
+        why = "the evaluated split is val, where the threshold is chosen; evaluate another split (evaluate.split=test)"
+    elif not len(predicted.val_rows):
+        why = "no val split with labelled images to choose the threshold on"
+    else:
+        val_needs = needs_referral(predicted.val_rows["label"], codes)
+        why = None if val_needs.any() else (
+            f"none of the {len(val_needs)} val images has a referral class ({', '.join(codes)}), "
+            "so no threshold can be chosen for a sensitivity")
+    if why is not None:
+        log.warning("referral operating point skipped: %s", why)
+        return {"skipped": why}, None
+    val_scores = referral_score(calibrated(predicted.val_plain, predicted.temperature), indices)
+    scores = referral_score(calibrated(predicted.plain, predicted.temperature), indices)
+    labelled = predicted.rows["label"].notna().to_numpy()
+    result = operating_point(
+        val_scores, val_needs, scores[labelled], needs_referral(predicted.rows.loc[labelled, "label"], codes), codes,
+        cfg.referral.target_sensitivity, probabilities_used(predicted.calibration, predicted.temperature),
+        cfg.bootstrap_resamples, seed, split=cfg.split,
+    )
+    log.info("referral threshold %.4f (%s): %s", result["threshold"], result["chosen_on"], result["verdict"])
+    return result, scores
+
+
+def score_subgroups(
+    predicted: Predicted, referral: dict[str, Any], referral_scores: Optional[np.ndarray], cfg: Any, seed: int
+) -> dict[str, Any]:
+    """metrics.json's ``subgroups``: balanced accuracy and mean AUC of the reported probabilities, and the
+    referral decision at the val threshold (None when the referral was skipped), per subgroup of the split."""
+    overall = (referral.get(cfg.split) or {}).get("sensitivity") or {}
+    return evaluate_subgroups(
+        predicted.rows, predicted.headline, referral_codes(cfg.referral.classes), referral_scores,
+        referral.get("threshold"), overall.get("estimate"),
+        min_images=cfg.subgroups.min_images, n_resamples=cfg.bootstrap_resamples, seed=seed, split=cfg.split,
+    )
+
+
+def write_plots(
+    predicted: Predicted, result: dict[str, Any], cfg: Any, plot_dir: Path, referral_scores: Optional[np.ndarray] = None
+) -> None:
+    """ROC curves, the confusion matrix, the reliability diagram (before and after the temperature),
+    the referral score's ROC with its operating point, and the subgroups."""
     rows, headline, raw = predicted.rows, predicted.headline, predicted.raw
     labelled = rows["label"].notna().to_numpy()
     truth = rows.loc[labelled, "label"].map(INDEX).to_numpy()
     metrics = result[cfg.split]
     plots.roc_curves(truth, headline[labelled], plot_dir / ROC_CURVES)
     plots.confusion_matrix_plot(np.array(metrics["confusion_matrix"]), plot_dir / CONFUSION_MATRIX)
+    referral = result["referral"]
+    if referral_scores is not None:
+        needs = needs_referral(rows.loc[labelled, "label"], referral["classes"])
+        plots.referral_roc(needs, referral_scores[labelled], referral["threshold"], plot_dir / REFERRAL_ROC,
+                           target=referral["target_sensitivity"],
+                           val_point=(referral["val"]["sensitivity"], referral["val"]["specificity"]))
+    plots.subgroups_plot(result["subgroups"], plot_dir / SUBGROUPS_PLOT)
     bins = reliability_bins(truth, headline[labelled], cfg.calibration_bins)
     ece = metrics["expected_calibration_error"]
     if predicted.headline_temperature is None:
@@ -358,6 +448,7 @@ def evaluate_main_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[s
         with tracking.run(run.cfg, run.run_dir, run.run_dir.name, stage="evaluate", new=cfg.new_mlflow_run) as run_id:
             if run_id is not None:
                 tracking.log_metrics(tracking.flat_metrics(result[settings.split]), prefix=f"eval_{tag}_")
+                tracking.log_metrics(tracking.decision_metrics(result), prefix=f"eval_{tag}_")
                 tracking.log_artifacts([out_dir], artifact_path=f"eval/{tag}")
     log.info("wrote %s", out_dir / REPORT)
     return result

@@ -10,13 +10,18 @@
 - ``model.keras``: the same inference model as a Keras file.
 - ``model_<kind>.tflite`` for each of ``export.tflite``: fp32, fp16,
   int8_dynamic (int8 weights) and int8_full (int8 weights and activations,
-  calibrated on train-split images; uint8 pixel input, float32 output).
+  calibrated on train-split images, with ``export.int8_float_ops`` and
+  ``export.int8_float_layers`` kept in float; integer pixel input, float32
+  output).
 - ``parity.json``: every format run on a sample of the test split against
   the Keras model: top-1 agreement, max |probability difference|, balanced
-  accuracy, file size and batch-1 latency. A format below
-  ``export.min_agreement`` is not kept, and the export fails naming it.
+  accuracy and its paired-bootstrap difference from Keras, referral-decision
+  agreement, file size and batch-1 latency. A format that fails the gate
+  (``dermascan.evaluation.parity``) is not written; the export fails naming
+  it, unless the caller (train) marks it optional: then it is dropped and
+  ``parity.json``'s ``dropped`` says why.
 - ``labels.json``: class order, codes, names, lay descriptions, categories,
-  the input size and the preprocessing contract.
+  the input size, the preprocessing contract and the referral operating point.
 - ``model_card.md``: data, metrics with CIs, intended use and limits.
 - ``MANIFEST.sha256``: a checksum of every other file (``sha256sum -c``
   format), checked by ``verify_manifest`` when the server starts.
@@ -30,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import hydra
 import keras
@@ -59,6 +64,9 @@ from dermascan.config import ExportRunConfig, config_dir
 from dermascan.data.manifest import evaluation_rows
 from dermascan.errors import DermascanError
 from dermascan.evaluation.metrics import classification_metrics
+from dermascan.evaluation.parity import compare
+from dermascan.evaluation.parity import markdown as parity_markdown
+from dermascan.evaluation.parity import refusals as parity_refusals
 from dermascan.modeling.model import inference_model
 from dermascan.rundir import Run, load_images, load_run, sample_rows
 from dermascan.runtime import (
@@ -75,7 +83,8 @@ class ExportError(DermascanError):
 
 
 def labels_json(image_size: int, resize_method: str, temperature: Optional[float] = None,
-                model_version: Optional[str] = None) -> dict:
+                model_version: Optional[str] = None, referral: Optional[dict[str, Any]] = None) -> dict:
+    """labels.json: everything an app needs in order to act, so that the phone needs no Python."""
     return {
         "version": __version__,
         "model_version": model_version or __version__,
@@ -87,14 +96,32 @@ def labels_json(image_size: int, resize_method: str, temperature: Optional[float
             "size": [image_size, image_size],
             "shape": [None, image_size, image_size, 3],
             "channels": "RGB",
-            "dtype": "float32 or uint8 (SavedModel endpoints serve / serve_uint8; int8_full TFLite takes uint8)",
+            "dtype": "float32 or uint8 (SavedModel endpoints serve / serve_uint8); the int8_full TFLite model takes "
+                     "integer pixels: quantise with its input tensor's scale and zero point",
             "pixels": "raw RGB, 0-255, no normalisation: preprocessing is inside the model",
             "resize": {"method": resize_method, "mode": "squash", "library": "PIL",
                        "note": f"squash the whole image to {image_size}x{image_size} (no crop), as training does"},
         },
         "output": "softmax probabilities, in the order of 'classes'",
         "temperature": temperature,
+        "referral": referral_contract(referral),
         "disclaimer": DISCLAIMER,
+    }
+
+
+def referral_contract(referral: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The referral operating point as the phone applies it, from metrics.json's ``referral`` (None: none chosen)."""
+    if not referral or "threshold" not in referral:
+        return None
+    return {
+        "classes": list(referral["classes"]),
+        "indices": [INDEX[code] for code in referral["classes"]],
+        "threshold": float(referral["threshold"]),
+        "rule": "recommend seeing a doctor when the summed probability of these classes is >= threshold",
+        "target_sensitivity": referral["target_sensitivity"],
+        "val_sensitivity": referral["val"]["sensitivity"],
+        "val_specificity": referral["val"]["specificity"],
+        "chosen_on": referral["chosen_on"],
     }
 
 
@@ -114,8 +141,20 @@ def write_saved_model(model: keras.Model, path: Path, image_size: int) -> None:
     archive.write_out(str(path), verbose=False)
 
 
-def convert_tflite(saved_model: Path, kind: str, representative: Optional[np.ndarray] = None) -> bytes:
-    """Convert the SavedModel's ``serve`` endpoint to TFLite ``kind``."""
+def convert_tflite(
+    saved_model: Path,
+    kind: str,
+    representative: Optional[np.ndarray] = None,
+    float_ops: Sequence[str] = (),
+    float_layers: Sequence[str] = (),
+) -> bytes:
+    """Convert the SavedModel's ``serve`` endpoint to TFLite ``kind``.
+
+    int8_full keeps ``float_ops`` (TFLite op types, e.g. DEPTHWISE_CONV_2D)
+    and the ops of ``float_layers`` (Keras layer names, e.g. shades_of_gray)
+    in float; everything else is int8 (see ``configs/export/default.yaml``
+    for what each costs and buys).
+    """
     if kind not in TFLITE_KINDS:
         raise ExportError(f"unknown export.tflite kind {kind!r}; choose from {', '.join(TFLITE_KINDS)}")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serve"])
@@ -132,12 +171,48 @@ def convert_tflite(saved_model: Path, kind: str, representative: Optional[np.nda
                 yield [image[None].astype(np.float32)]
 
         converter.representative_dataset = samples
+        converter.inference_output_type = tf.float32
+        keep_float = _float_nodes(saved_model, float_layers)
+        if keep_float or float_ops:
+            return _selective_int8(converter, samples, float_ops, keep_float)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # Raw pixels are 0-255 integers: a uint8 input (scale ~1, set by the calibration images' range)
         # takes decoded images as they are; ai_edge_litert callers quantise with the input's scale.
         converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.float32
     return converter.convert()
+
+
+def _float_nodes(saved_model: Path, layers: Sequence[str]) -> list[str]:
+    """The TFLite tensor names of the ops that ``layers`` (Keras layer names) became."""
+    if not layers:
+        return []
+    from ai_edge_litert.interpreter import Interpreter
+
+    content = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serve"]).convert()
+    names = [detail["name"] for detail in Interpreter(model_content=content).get_tensor_details()]
+    return [name for name in names if any(f"/{layer}" in name for layer in layers)]
+
+
+def _selective_int8(converter: Any, samples: Any, float_ops: Sequence[str], float_nodes: Sequence[str]) -> bytes:
+    """int8 except the denylisted ops, through TensorFlow's QuantizationDebugger (its selective quantization).
+
+    The input stays integer: int8 with the calibration's scale and zero
+    point (1 and -128 for 0-255 pixels), which ``runtime.tflite_predictor``
+    reads from the model.
+    """
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=list(float_ops), denylisted_nodes=list(float_nodes), fully_quantize=True
+    )
+
+    def few():  # the debugger runs its debug model on these; the calibration uses all of them
+        for index, sample in enumerate(samples()):
+            if index == 4:
+                return
+            yield sample
+
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=few, debug_options=options)
+    return debugger.get_nondebug_quantized_model()
 
 
 def batch1_latency_ms(predict, image: np.ndarray, runs: int) -> Optional[float]:
@@ -153,25 +228,15 @@ def batch1_latency_ms(predict, image: np.ndarray, runs: int) -> Optional[float]:
     return round(1000 * float(np.median(times)), 3)
 
 
-def compare(reference: np.ndarray, probabilities: np.ndarray, labels: Optional[np.ndarray]) -> dict[str, Any]:
-    """Top-1 agreement and max |difference| with the reference, and balanced accuracy on ``labels``."""
-    result = {
-        "top1_agreement": float(np.mean(reference.argmax(1) == probabilities.argmax(1))),
-        "max_abs_diff": float(np.max(np.abs(reference - probabilities))),
-    }
-    if labels is not None and len(labels):
-        result["balanced_accuracy"] = classification_metrics(labels, probabilities)["balanced_accuracy"]
-    return result
+def agreement_bar(min_agreement: float | Mapping[str, float], name: str) -> float:
+    """The top-1 agreement a format must reach: per TFLite kind, or one bar for all.
 
-
-def below_agreement(formats: dict[str, dict[str, Any]], min_agreement: float) -> list[str]:
-    """The formats that fail to run, or whose top-1 agreement with Keras is below ``min_agreement``, with why."""
-    return [
-        f"{name}: {result['error']}" if "error" in result
-        else f"{name}: top-1 agreement {result['top1_agreement']:.4f} < {min_agreement}"
-        for name, result in formats.items()
-        if "error" in result or result["top1_agreement"] < min_agreement
-    ]
+    keras and savedmodel must agree as fp32 does: they run the same float graph.
+    """
+    if isinstance(min_agreement, (int, float)):
+        return float(min_agreement)
+    kind = name.removeprefix("tflite_")
+    return float(min_agreement[kind if kind in min_agreement else "fp32"])
 
 
 def export_model(
@@ -181,21 +246,35 @@ def export_model(
     image_size: int,
     tflite: Sequence[str],
     resize_method: str,
-    min_agreement: float,
+    min_agreement: float | Mapping[str, float],
+    max_balanced_accuracy_drop: Optional[float] = None,
+    min_decision_agreement: Optional[float] = None,
+    referral: Optional[dict[str, Any]] = None,
+    required: Optional[Sequence[str]] = None,
     temperature: Optional[float] = None,
     parity_images: Optional[np.ndarray] = None,
     parity_labels: Optional[np.ndarray] = None,
     representative: Optional[np.ndarray] = None,
+    int8_float_ops: Sequence[str] = (),
+    int8_float_layers: Sequence[str] = (),
     latency_runs: int = 0,
+    bootstrap_resamples: int = 1000,
+    seed: int = 0,
     model_version: Optional[str] = None,
     card: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write ``out_dir`` from a trained Keras model; return the parity report.
 
     ``parity_images`` (uint8 [N, S, S, 3], default: random pixels) are run
-    through every format and compared with the Keras model. A TFLite format
-    whose top-1 agreement is below ``min_agreement`` is removed and, after
-    everything else is written, the export raises ExportError naming it.
+    through every format and compared with the Keras model
+    (``dermascan.evaluation.parity``: top-1 agreement against
+    ``min_agreement``, per kind or one bar; the balanced-accuracy difference
+    against ``max_balanced_accuracy_drop``; the ``referral`` decision, from
+    metrics.json, against ``min_decision_agreement``; None skips a check). A
+    TFLite format that fails is not written. If it is one of ``required``
+    (default: every format asked for), the export raises ExportError naming
+    it, after everything else is written; otherwise it is dropped with a
+    warning, and parity.json, the card and ``report["dropped"]`` say why.
     """
     out_dir = Path(out_dir)
     _check_request(out_dir, tflite, representative)
@@ -204,7 +283,11 @@ def export_model(
     if parity_images is None or not len(parity_images):
         parity_images = np.random.default_rng(0).integers(0, 256, (16, image_size, image_size, 3), dtype=np.uint8)
         parity_labels = None
-    parity = Parity(np.asarray(parity_images, np.uint8), parity_labels, min_agreement, latency_runs)
+    parity = Parity(
+        np.asarray(parity_images, np.uint8), parity_labels, latency_runs,
+        Gate(min_agreement, max_balanced_accuracy_drop, min_decision_agreement, bootstrap_resamples, seed),
+        referral if referral and "threshold" in referral else None,
+    )
     reference = parity.reference(serving)
     report = parity.report(reference)
 
@@ -214,22 +297,31 @@ def export_model(
     log.info("wrote %s and %s/ in %.1f s", KERAS_MODEL, SAVED_MODEL, time.perf_counter() - started)
     for name, predict in (("keras", keras_predictor(out_dir / KERAS_MODEL)),
                           ("savedmodel", savedmodel_predictor(out_dir / SAVED_MODEL))):
-        report["formats"][name] = parity.check(reference, predict)
+        report["formats"][name] = parity.check(name, reference, predict)
     for kind in tflite:
-        report["formats"][f"tflite_{kind}"] = _export_tflite(out_dir, kind, representative, parity, reference)
+        report["formats"][f"tflite_{kind}"] = _export_tflite(
+            out_dir, kind, representative, parity, reference, int8_float_ops, int8_float_layers
+        )
     _relative_to_fp32(report["formats"])
+    failed = {name: result["refused"] for name, result in report["formats"].items() if result["refused"]}
+    strict = {f"tflite_{kind}" for kind in (tflite if required is None else required)} | {"keras", "savedmodel"}
+    report["dropped"] = [[name, "; ".join(why)] for name, why in failed.items() if name not in strict]
+    for name, why in report["dropped"]:
+        log.warning("export: %s dropped, it failed the parity check (%s); the other formats are written", name, why)
 
     (out_dir / PARITY).write_text(json.dumps(report, indent=2))
-    (out_dir / LABELS).write_text(json.dumps(labels_json(image_size, resize_method, temperature, model_version), indent=2))
+    (out_dir / LABELS).write_text(json.dumps(
+        labels_json(image_size, resize_method, temperature, model_version, referral), indent=2
+    ))
     if card is not None:
-        (out_dir / CARD).write_text(card)
+        (out_dir / CARD).write_text(card.rstrip("\n") + "\n\n" + parity_markdown(report))
     write_manifest(out_dir)
-    failed = below_agreement(report["formats"], min_agreement)
-    if failed:
+    fatal = [f"{name}: {'; '.join(why)}" for name, why in failed.items() if name in strict]
+    if fatal:
         raise ExportError(
-            "export parity check failed, so these formats were not written:\n  " + "\n  ".join(failed)
-            + f"\nSee {out_dir / PARITY}. Lower export.min_agreement only if that loss is acceptable, "
-            "or leave the format out of export.tflite."
+            "export parity check failed, so these formats were not written:\n  " + "\n  ".join(fatal)
+            + f"\nSee {out_dir / PARITY}. Loosen the export gate (export.min_agreement and its neighbours) only if "
+            "that loss is acceptable, or leave the format out of export.tflite."
         )
     return report
 
@@ -248,59 +340,93 @@ def _check_request(out_dir: Path, tflite: Sequence[str], representative: Optiona
 
 
 @dataclass(frozen=True)
+class Gate:
+    """The bars a format must clear (``dermascan.evaluation.parity``); None skips a check."""
+
+    min_agreement: float | Mapping[str, float]
+    max_balanced_accuracy_drop: Optional[float]
+    min_decision_agreement: Optional[float]
+    bootstrap_resamples: int
+    seed: int
+
+    def refusals(self, name: str, result: dict[str, Any]) -> list[str]:
+        return parity_refusals(
+            result, agreement_bar(self.min_agreement, name),
+            1.0 if self.max_balanced_accuracy_drop is None else self.max_balanced_accuracy_drop,
+            0.0 if self.min_decision_agreement is None else self.min_decision_agreement,
+        )
+
+
+@dataclass(frozen=True)
 class Parity:
-    """The images every format is compared on, against the Keras model, and the bar a format must clear."""
+    """The images every format is compared on, against the Keras model, and the gate a format must clear."""
 
     images: np.ndarray  # uint8 [N, S, S, 3]
     labels: Optional[np.ndarray]  # class indices, or None (random pixels)
-    min_agreement: float
     latency_runs: int
+    gate: Gate
+    referral: Optional[dict[str, Any]]  # metrics.json's referral operating point
 
     def reference(self, serving: keras.Model) -> np.ndarray:
         return np.asarray(serving.predict(self.images.astype(np.float32), batch_size=32, verbose=0))
 
     def report(self, reference: np.ndarray) -> dict[str, Any]:
         """parity.json, before any format is checked."""
+        gate = self.gate
         report: dict[str, Any] = {
             "n_images": int(len(self.images)),
             "source": "test split" if self.labels is not None else "random pixels (no test images given)",
-            "min_agreement": self.min_agreement,
+            "min_agreement": gate.min_agreement if isinstance(gate.min_agreement, (int, float))
+            else dict(gate.min_agreement),
+            "max_balanced_accuracy_drop": gate.max_balanced_accuracy_drop,
+            "min_decision_agreement": gate.min_decision_agreement,
+            "decisions": ["referral"] if self.referral else [],
             "formats": {},
         }
         if self.labels is not None:
             report["keras_balanced_accuracy"] = classification_metrics(self.labels, reference)["balanced_accuracy"]
         return report
 
-    def check(self, reference: np.ndarray, predict: Any) -> dict[str, Any]:
-        """Agreement with the reference, then batch-1 latency."""
-        result = compare(reference, predict(self.images), self.labels)
+    def check(self, name: str, reference: np.ndarray, predict: Any) -> dict[str, Any]:
+        """The comparison with the reference, batch-1 latency, and why the gate refuses it (empty: kept)."""
+        result = compare(reference, predict(self.images), self.labels, self.referral,
+                         self.gate.bootstrap_resamples, self.gate.seed)
         result["latency_ms"] = batch1_latency_ms(predict, self.images[0], self.latency_runs)
+        result["refused"] = self.gate.refusals(name, result)
         return result
 
 
 def _export_tflite(
-    out_dir: Path, kind: str, representative: Optional[np.ndarray], parity: Parity, reference: np.ndarray
+    out_dir: Path, kind: str, representative: Optional[np.ndarray], parity: Parity, reference: np.ndarray,
+    float_ops: Sequence[str] = (), float_layers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Convert one TFLite format, check it, and write it only if it holds up; return its parity entry."""
     started = time.perf_counter()
-    content = convert_tflite(out_dir / SAVED_MODEL, kind, representative)
+    content = convert_tflite(out_dir / SAVED_MODEL, kind, representative,
+                             float_ops if kind == "int8_full" else (), float_layers if kind == "int8_full" else ())
     predict = tflite_predictor(content)
+    name = f"tflite_{kind}"
     try:
-        result = parity.check(reference, predict)
+        result = parity.check(name, reference, predict)
     except RuntimeError as err:  # a kernel that refuses its inputs, e.g. an int8 division by a zero
-        result = {"error": f"fails to run on the parity images: {str(err).splitlines()[0]}"}
+        error = f"fails to run on the parity images: {str(err).splitlines()[0]}"
+        result = {"error": error, "refused": [error]}
     result["bytes"] = len(content)
     result["file"] = tflite_name(kind)
-    result["kept"] = not below_agreement({kind: result}, parity.min_agreement)
+    result["kept"] = not result["refused"]
     if "error" in result:
         log.warning("tflite %s %s -- not kept", kind, result["error"])
         return result
     if result["kept"]:
         (out_dir / tflite_name(kind)).write_bytes(content)
+    difference = result.get("balanced_accuracy_difference")
     log.info(
-        "tflite %s: %.2f MB, top-1 agreement %.4f, max |diff| %.2g%s (%.1f s)",
+        "tflite %s: %.2f MB, top-1 agreement %.4f, max |diff| %.2g%s%s%s (%.1f s)",
         kind, len(content) / 1e6, result["top1_agreement"], result["max_abs_diff"],
-        "" if result["kept"] else " -- below export.min_agreement, not kept", time.perf_counter() - started,
+        f", balanced accuracy {difference['estimate']:+.4f} vs Keras" if difference else "",
+        f", referral decision agreement {result['referral_decision']['agreement']:.4f}"
+        if "referral_decision" in result else "",
+        "" if result["kept"] else " -- refused: " + "; ".join(result["refused"]), time.perf_counter() - started,
     )
     return result
 
@@ -316,12 +442,14 @@ def _relative_to_fp32(formats: dict[str, dict[str, Any]]) -> None:
 
 
 def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[Path] = None,
-               metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+               metrics: Optional[dict[str, Any]] = None, required: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Export a run's model with everything ``export_model`` needs, drawn from the run dir.
 
     Parity images are a seeded sample of ``cfg.parity_split``; int8_full is
     calibrated on a sample of the train split; the temperature comes from
-    the run's calibration.json; the model card from its summary and metrics.
+    the run's calibration.json; the referral operating point, the model card's
+    figures and the parity gate's referral decision from its metrics.
+    ``required``: the formats whose failure fails the export (default: all).
     """
     from dermascan.evaluation.card import model_card
 
@@ -349,7 +477,11 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
         model, out_dir, image_size=image_size, tflite=[str(kind) for kind in cfg.tflite],
         resize_method=str(run.cfg.data.cache.method), temperature=temperature,
         parity_images=parity_images, parity_labels=parity_rows["label"].map(INDEX).to_numpy(),
-        representative=representative, min_agreement=cfg.min_agreement, latency_runs=cfg.latency_runs,
+        representative=representative, int8_float_ops=list(cfg.int8_float_ops),
+        int8_float_layers=list(cfg.int8_float_layers), min_agreement=dict(cfg.min_agreement),
+        max_balanced_accuracy_drop=cfg.max_balanced_accuracy_drop, min_decision_agreement=cfg.min_decision_agreement,
+        referral=metrics.get("referral"), required=required, latency_runs=cfg.latency_runs,
+        bootstrap_resamples=cfg.bootstrap_resamples, seed=seed,
         model_version=version, card=model_card(plain_cfg, run.summary, metrics, version, temperature),
     )
     if cfg.coreml:
@@ -391,6 +523,8 @@ def export_main_task(cfg: DictConfig) -> dict[str, Any]:
                 example = np.zeros((1, *served.input_shape[1:]), np.float32)
                 tracking.log_model(served, example, run.cfg.tracking)  # registers it with tracking.register=true
     for name, result in report["formats"].items():
+        if "error" in result:
+            continue
         log.info("%-20s top-1 agreement %.4f  max |diff| %.2g  %s", name, result["top1_agreement"],
                  result["max_abs_diff"], f"{result['latency_ms']} ms" if result.get("latency_ms") else "")
     log.info("wrote %s (checked by %s)", out_dir, CHECKSUMS)

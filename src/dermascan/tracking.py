@@ -33,6 +33,8 @@ from dermascan.artifacts import (
     CLASS_WEIGHTS,
     CONFIG,
     EXPORT,
+    GROUND_TRUTH,
+    GROUND_TRUTH_2018,
     HISTORY,
     MANIFEST_SUMMARY,
     METRICS,
@@ -40,8 +42,10 @@ from dermascan.artifacts import (
     PLOTS,
     REPORT,
     SUMMARY,
+    read_json,
 )
 from dermascan.errors import DermascanError
+from dermascan.evaluation.subgroups import metric_name
 
 log = logging.getLogger("dermascan.tracking")
 MAX_PARAM_LENGTH = 6000
@@ -148,6 +152,23 @@ def log_review(review: dict[str, Any]) -> None:
     mlflow.set_tag("training_warnings", " | ".join(review["warnings"]) if review["warnings"] else "none")
 
 
+def log_export(parity: dict[str, Any]) -> None:
+    """The export's parity report: the ``export_dropped`` tag (formats that failed it, and why) and, per
+    TFLite format, top-1 agreement and the balanced-accuracy difference as metrics (``parity_<format>_...``)."""
+    if mlflow.active_run() is None:
+        return
+    dropped = parity.get("dropped") or []
+    mlflow.set_tag("export_dropped", " | ".join(f"{name}: {why}" for name, why in dropped) if dropped else "none")
+    metrics = {}
+    for name, result in parity.get("formats", {}).items():
+        if name.startswith("tflite_") and "top1_agreement" in result:
+            metrics[f"parity_{name}_top1_agreement"] = result["top1_agreement"]
+            difference = result.get("balanced_accuracy_difference")
+            if difference and difference.get("estimate") is not None:
+                metrics[f"parity_{name}_balanced_accuracy_difference"] = difference["estimate"]
+    mlflow.log_metrics(metrics)
+
+
 def log_artifacts(paths: list[Path], artifact_path: Optional[str] = None) -> None:
     if mlflow.active_run() is None:
         return
@@ -191,13 +212,57 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def referral_metrics(referral: Optional[dict[str, Any]]) -> dict[str, float]:
+    """metrics.json's ``referral`` as flat MLflow metrics: ``referral_threshold``, ``referral_val_sensitivity``,
+    ``referral_test_sensitivity`` (and ``_ci_low``/``_ci_high``), ``referral_test_referrals_per_100``, ...
+
+    Nothing when the referral was skipped.
+    """
+    if not referral or "threshold" not in referral:
+        return {}
+    flat = {"referral_threshold": referral["threshold"], "referral_target_sensitivity": referral["target_sensitivity"]}
+    for split, figures in referral.items():
+        if not isinstance(figures, dict) or "n_positive" not in figures:
+            continue  # not a split's figures
+        for key, value in figures.items():
+            if isinstance(value, dict) and "estimate" in value:
+                flat[f"referral_{split}_{key}"] = value["estimate"]
+                for side in ("low", "high"):
+                    flat[f"referral_{split}_{key}_ci_{side}"] = value.get(side)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"referral_{split}_{key}"] = value
+    return {k: float(v) for k, v in flat.items() if v is not None}
+
+
+def subgroup_metrics(subgroups: Optional[dict[str, Any]]) -> dict[str, float]:
+    """metrics.json's ``subgroups`` as one MLflow metric per group and figure, named so that runs compare:
+    ``subgroup_<dimension>_<group>_<metric>``, e.g. ``subgroup_site_lower_extremity_balanced_accuracy``,
+    ``subgroup_age_band_ge70_referral_sensitivity``, ``subgroup_sex_female_n`` (point estimates; the CIs
+    are in metrics.json)."""
+    flat: dict[str, float] = {}
+    for dimension, groups in ((subgroups or {}).get("dimensions") or {}).items():
+        for group, result in groups.items():
+            stem = f"subgroup_{metric_name(dimension)}_{metric_name(group)}_"
+            flat[f"{stem}n"] = float(result["n"])
+            for key in ("balanced_accuracy", "mean_auc", "referral_sensitivity", "referral_specificity"):
+                value = (result.get(key) or {}).get("estimate")
+                if value is not None:
+                    flat[f"{stem}{key}"] = float(value)
+    return flat
+
+
+def decision_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The referral and subgroup metrics of an evaluation (metrics.json's content), flat, for MLflow."""
+    return {**referral_metrics(evaluation.get("referral")), **subgroup_metrics(evaluation.get("subgroups"))}
+
+
 def log_finished_run(
     cfg: DictConfig, run_dir: Path, summary: dict[str, Any], served: Callable[[], keras.Model]
 ) -> Optional[str]:
     """Log a finished training run dir to the active MLflow run; return the registered model version, if any.
 
     The final val and test metrics (``summary`` as train wrote it to
-    summary.json), the config (and Hydra's), every result file, the plots,
+    summary.json), the referral and subgroup metrics (from metrics.json), the config (and Hydra's), every result file, the plots,
     the export folder (when export is enabled), and ``served()``: the model
     as served, with the temperature folded in (built only when
     ``tracking.log_model``).
@@ -207,9 +272,11 @@ def log_finished_run(
     for split in ("val", cfg.evaluate.split):
         if summary.get(split) is not None:
             log_metrics(flat_metrics(summary[split]), prefix=f"final_{split}_")
+    log_metrics(decision_metrics(read_json(run_dir / METRICS, {})), prefix="")
     log_artifacts([run_dir / CONFIG], artifact_path="config")
     log_artifacts([run_dir / ".hydra"], artifact_path="config/hydra")
-    files = (MANIFEST_SUMMARY, CLASS_WEIGHTS, HISTORY, METRICS, REPORT, CALIBRATION, SUMMARY)
+    files = (MANIFEST_SUMMARY, CLASS_WEIGHTS, HISTORY, METRICS, REPORT, CALIBRATION, SUMMARY, GROUND_TRUTH,
+             GROUND_TRUTH_2018)
     log_artifacts([run_dir / name for name in files] + sorted(run_dir.glob("predictions*.csv")))
     log_artifacts([run_dir / PLOTS], artifact_path=PLOTS)
     if cfg.export.enabled:

@@ -36,17 +36,20 @@ from dermascan.artifacts import (
     MANIFEST,
     MANIFEST_SUMMARY,
     METRICS,
+    PARITY,
     PLOTS,
     PREDICTIONS,
     REPORT,
     SUMMARY,
     TRAINING_CURVES,
     read_history,
+    read_json,
 )
 from dermascan.config import Engine, RunConfig, SplitPolicy, config_dir
 from dermascan.data.cache import cached_paths
 from dermascan.errors import ConfigError
 from dermascan.evaluate import evaluate
+from dermascan.evaluation.parity import markdown as parity_markdown
 from dermascan.evaluation.plots import training_curves
 from dermascan.export import ExportError, export_run
 from dermascan.ingest import ingest
@@ -125,8 +128,26 @@ def run_name(cfg: DictConfig, run_dir: Path) -> str:
         return run_dir.name
 
 
-def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Run the whole job on a validated config; return (summary, artifacts)."""
+def named_formats(overrides: Sequence[str], cfg: DictConfig) -> list[str]:
+    """The TFLite formats the command line named (``export.tflite=[...]``), or none.
+
+    A format the user asked for by name is required: if it fails the export's
+    parity gate, the run fails (exit 2, after everything else is written).
+    The formats of the configs (defaults, experiments) are optional: one that
+    fails is dropped with a warning, so that hours of training still end 0
+    with the formats that hold up.
+    """
+    named = any(override.lstrip("+~").split("=")[0] == "export.tflite" for override in overrides)
+    return [str(kind) for kind in cfg.export.tflite] if named else []
+
+
+def train(
+    cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (), required_formats: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Run the whole job on a validated config; return (summary, artifacts).
+
+    ``required_formats``: the TFLite formats whose parity failure fails the run (see ``named_formats``).
+    """
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +170,9 @@ def train(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -
                               freeze_bn=freeze_bn_of(cfg.model), callbacks=[*epoch_metrics, *callbacks])
             with strategy.scope(), naming_broken_files(data.cached_paths(cfg)):
                 state = run_phases(fitting)
-            summary, failure = _evaluate_and_export(cfg, run_dir, data, model, state, started, run_id)
+            summary, failure = _evaluate_and_export(
+                cfg, run_dir, data, model, state, started, run_id, required_formats
+            )
         if failure is not None:
             raise failure
     finally:
@@ -259,7 +282,7 @@ def jit_compile(train_cfg: DictConfig) -> bool:
 
 def _evaluate_and_export(
     cfg: DictConfig, run_dir: Path, data: RunData, model: keras.Model, state: dict[str, Any], started: float,
-    run_id: Optional[str],
+    run_id: Optional[str], required_formats: Sequence[str] = (),
 ) -> tuple[dict[str, Any], Optional[ExportError]]:
     """Review the phases, evaluate the best checkpoint, export it, write summary.json and log it all to MLflow.
 
@@ -279,17 +302,25 @@ def _evaluate_and_export(
         best, data.manifest, cfg.evaluate, cfg.model.image_size, cache, run_dir, seed=cfg.seed,
         isic2018=cfg.data.split == SplitPolicy.official, training=review,
     )
-    failure = None
+    failure, parity = None, None
     if cfg.export.enabled:
         try:
-            export_run(Run(run_dir, cfg, data.manifest), best, cfg.export, metrics=evaluation)
+            parity = export_run(Run(run_dir, cfg, data.manifest), best, cfg.export, metrics=evaluation,
+                                required=required_formats)
         except ExportError as err:
             failure = err
+            parity = read_json(run_dir / EXPORT / PARITY, None)
+        if parity is not None:
+            with (run_dir / REPORT).open("a") as report:
+                report.write("\n" + parity_markdown(parity))
+            if run_id is not None:
+                tracking.log_export(parity)
     summary = {
         "val": evaluation.get("val"),
         cfg.evaluate.split: evaluation[cfg.evaluate.split],
         "epochs": {"phase1": state["phase1_epochs"], "phase2": state["phase2_epochs"]},
         "training": review,
+        "export_dropped": dict(parity.get("dropped", [])) if parity else {},
         "seconds": round(time.perf_counter() - started, 1),
     }
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
@@ -304,7 +335,10 @@ def _evaluate_and_export(
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
-    metrics, _ = cli.run(train, cfg, RunConfig)
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    metrics, _ = cli.run(lambda c: train(c, required_formats=named_formats(overrides, c)), cfg, RunConfig)
     return metrics[cfg.evaluate.split]["balanced_accuracy"]
 
 

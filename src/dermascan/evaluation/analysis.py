@@ -4,11 +4,13 @@
     headline_table(a.metrics)                             # balanced accuracy first, with its CI
     worst_errors(a.table, 12)                             # the most confident mistakes
     breakdown(a.table, "site")                            # per-group n, balanced and top-1 accuracy
+    referral_table(a.evaluation); subgroup_table(a.evaluation, "site")   # as evaluation scored them, with CIs
     heatmaps = grad_cam(a.model(), a.images(ids))         # [N, h, w] in [0, 1]
 
 ``a.table`` is the run's ``predictions.csv`` (the ``evaluate.split``, default
 test, exactly as scored: temperature scaling and TTA included) joined with
-the manifest's metadata, one row per scored image. Groups whose metadata is
+the manifest's label and metadata, one row per scored image; the labels are
+checked against the run's ``ground_truth.csv``. Groups whose metadata is
 missing are reported as ``"unknown"``; no row is dropped. Images without an
 8-class label (ISIC 2018 Test AKIEC under the official split) stay in the
 table with ``label`` NaN and are counted in ``n_unlabelled``; they cannot
@@ -46,18 +48,26 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dermascan.artifacts import BEST, CONFIG, METRICS, MLFLOW_RUN_ID, PREDICTIONS
+from dermascan.artifacts import (
+    BEST,
+    CONFIG,
+    GROUND_TRUTH,
+    METRICS,
+    MLFLOW_RUN_ID,
+    PREDICTIONS,
+)
 from dermascan.classes import CODES, INDEX
 from dermascan.errors import DataError
+from dermascan.evaluation import scoring, subgroups
 from dermascan.evaluation.metrics import classification_metrics
+from dermascan.evaluation.referral import RATES
 from dermascan.rundir import Run, load_images, load_run
 
 log = logging.getLogger("dermascan.evaluation.analysis")
 
-UNKNOWN = "unknown"
-#: Age bands, in order; ages are ISIC's ``age_approx`` (multiples of 5).
-AGE_BANDS: tuple[str, ...] = ("<30", "30–44", "45–59", "60–74", "≥75")
-_AGE_EDGES = (0, 30, 45, 60, 75, math.inf)
+UNKNOWN = subgroups.UNKNOWN
+#: Age bands, in order: the subgroups' (``dermascan.evaluation.subgroups``), so that both tell one story.
+AGE_BANDS: tuple[str, ...] = subgroups.AGE_BANDS
 #: ``breakdown`` dimensions -> the table column that holds the group.
 BREAKDOWNS: dict[str, str] = {"source": "source", "site": "site", "age_band": "age_band", "sex": "sex"}
 HEADLINE: tuple[tuple[str, str], ...] = (
@@ -148,35 +158,50 @@ def latest_run_dir(start: str | Path = ".") -> Path:
     raise DataError(f"no finished run under runs/train in {start} or its parents: set run_dir or mlflow_run_id")
 
 
-def join_predictions(predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
-    """``predictions.csv`` joined with the manifest's metadata, plus the prediction's columns.
+def join_predictions(
+    predictions: pd.DataFrame, manifest: pd.DataFrame, truth: Optional[pd.Series] = None
+) -> pd.DataFrame:
+    """``predictions.csv`` joined with the manifest's label and metadata, plus the prediction's columns.
+
+    ``truth``: the labels of ``ground_truth.csv`` (``scoring.labels``),
+    indexed by image; each must equal the manifest's. A run dir written
+    before predictions.csv became exactly the ISIC submission layout has a
+    trailing ``label`` column instead, checked the same way.
 
     Adds ``predicted`` (argmax code), ``probability`` (its probability),
     ``true_probability`` (the true class's), ``correct`` (bool; NaN when
     unlabelled) and ``age_band``. DataError if a predicted image is not in
     the manifest or the labels disagree.
     """
-    missing_columns = [c for c in ("image", *CODES, "label") if c not in predictions.columns]
+    missing_columns = [c for c in ("image", *CODES) if c not in predictions.columns]
     if missing_columns:
         raise DataError(f"{PREDICTIONS} lacks the columns {', '.join(missing_columns)}")
-    meta = manifest.drop(columns=["label"]).rename(columns={"image_id": "image"})
+    if truth is None and "label" in predictions.columns:  # the layout before issue 14
+        truth = predictions.set_index("image")["label"].dropna()
+    predictions = predictions[["image", *CODES]]
+    meta = manifest.rename(columns={"image_id": "image"})
     table = predictions.merge(meta, on="image", how="left", validate="one_to_one", indicator=True)
     orphans = table.loc[table["_merge"] == "left_only", "image"].tolist()
     if orphans:
         raise DataError(f"{len(orphans)} predicted images are not in the manifest, e.g. {orphans[:3]}")
     table = table.drop(columns="_merge").rename(columns={"image": "image_id"})
-    labels = manifest.set_index("image_id")["label"].reindex(table["image_id"]).to_numpy()
+    if truth is not None:
+        labels = table.set_index("image_id")["label"]
+        checked = labels.reindex(truth.index)
+        if (checked.to_numpy() != truth.to_numpy()).any():
+            raise DataError(f"the labels of {GROUND_TRUTH} disagree with the manifest's")
+        unlisted = labels.notna() & ~labels.index.isin(truth.index)
+        if unlisted.any():
+            raise DataError(f"{int(unlisted.sum())} labelled predicted images are missing from {GROUND_TRUTH}")
     known = table["label"].notna().to_numpy()
-    if (labels[known] != table["label"].to_numpy()[known]).any():
-        raise DataError(f"the labels in {PREDICTIONS} disagree with the manifest's")
 
     probabilities = table[list(CODES)].to_numpy(dtype=float)
     top = probabilities.argmax(axis=1)
     table["predicted"] = np.asarray(CODES)[top]
     table["probability"] = probabilities[np.arange(len(table)), top]
-    truth = table["label"].map(INDEX)
+    true_index = table["label"].map(INDEX)
     table["true_probability"] = [
-        probabilities[i, int(t)] if not pd.isna(t) else np.nan for i, t in enumerate(truth.to_numpy())
+        probabilities[i, int(t)] if not pd.isna(t) else np.nan for i, t in enumerate(true_index.to_numpy())
     ]
     table["correct"] = pd.Series(
         np.where(known, table["predicted"].to_numpy() == table["label"].to_numpy(), None), dtype="object"
@@ -210,7 +235,9 @@ def load(
             )
     evaluation = json.loads((run.run_dir / METRICS).read_text())
     split = evaluation.get("split", "test")
-    table = join_predictions(pd.read_csv(run.run_dir / PREDICTIONS), run.manifest)
+    truth_file = run.run_dir / GROUND_TRUTH
+    truth = scoring.labels(pd.read_csv(truth_file), CODES) if truth_file.is_file() else None
+    table = join_predictions(pd.read_csv(run.run_dir / PREDICTIONS), run.manifest, truth)
     if mlflow_run_id is None:
         id_file = run.run_dir / MLFLOW_RUN_ID
         mlflow_run_id = id_file.read_text().strip() if id_file.is_file() else None
@@ -279,22 +306,38 @@ def worst_errors(table: pd.DataFrame, n: int = 12) -> pd.DataFrame:
     return wrong[first + rest].head(max(int(n), 0)).reset_index(drop=True)
 
 
-def age_band(age: Any) -> str:
-    """``"<30"``, ``"30–44"``, ``"45–59"``, ``"60–74"``, ``"≥75"``, or ``"unknown"`` (missing, not a number, negative)."""
-    try:
-        value = float(age)
-    except (TypeError, ValueError):
-        return UNKNOWN
-    if not math.isfinite(value) or value < 0:
-        return UNKNOWN
-    for band, low, high in zip(AGE_BANDS, _AGE_EDGES, _AGE_EDGES[1:]):
-        if low <= value < high:
-            return band
-    return UNKNOWN
+age_band = subgroups.age_band
 
 
 def age_bands(ages: pd.Series) -> pd.Series:
     return pd.Series([age_band(a) for a in ages], index=ages.index, dtype="object")
+
+
+def referral_table(evaluation: dict[str, Any]) -> pd.DataFrame:
+    """The referral decision as evaluation scored it (metrics.json ``referral``): one row per rate of the split,
+    with its 95% CI and its value on val, where the threshold was chosen. Empty when the referral was skipped."""
+    referral = evaluation.get("referral") or {}
+    split = evaluation.get("split", "test")
+    if "threshold" not in referral:
+        return pd.DataFrame(columns=["value", "ci_low", "ci_high", "val"])
+    m, rows = referral[split], []
+    for name in RATES:
+        interval = m[name]
+        rows.append({"rate": name, "value": interval["estimate"], "ci_low": interval["low"],
+                     "ci_high": interval["high"], "val": referral["val"].get(name)})
+    rows.append({"rate": "referrals_per_100", "value": m["referrals_per_100"], "ci_low": None, "ci_high": None,
+                 "val": None})
+    return _nones(pd.DataFrame(rows), ("value", "ci_low", "ci_high", "val")).set_index("rate")
+
+
+def subgroup_table(evaluation: dict[str, Any], dimension: Optional[str] = None) -> pd.DataFrame:
+    """metrics.json's ``subgroups`` as a table (``subgroups.table``), of one dimension when given, indexed by group."""
+    table = subgroups.table(evaluation.get("subgroups") or {})
+    if table.empty:
+        return table
+    if dimension is not None:
+        table = table[table["dimension"] == dimension].drop(columns="dimension").set_index("group")
+    return table
 
 
 def _groups(table: pd.DataFrame, by: str) -> pd.Series:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from dermascan import __version__
 from dermascan.classes import CLASSES
-from dermascan.evaluation.report import ci, fmt
+from dermascan.evaluation.report import RATE_NAMES, ci, fmt, interval_text
 
 INTENDED_USE = """\
 ## Intended use
@@ -91,6 +91,36 @@ def metrics_section(metrics: Optional[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def referral_card_section(metrics: Optional[dict[str, Any]]) -> list[str]:
+    """The operating point an app applies ("see a doctor" when the score reaches it) and its measured rates."""
+    referral = (metrics or {}).get("referral")
+    if not referral:
+        return []
+    lines = ["## Referral operating point", ""]
+    if "skipped" in referral:
+        return lines + [f"None: {referral['skipped']}. Apps must not derive a referral from the ranked classes.", ""]
+    split = metrics["split"]
+    m, v = referral[split], referral["val"]
+    return lines + [
+        f"- Score: the summed probability of {', '.join(referral['classes'])} (the classes a doctor should see).",
+        f"- Threshold: refer when the score is >= {referral['threshold']:.4f} (in labels.json). Chosen on "
+        f"{referral['chosen_on']}, as the highest threshold reaching sensitivity {referral['target_sensitivity']:g} there "
+        f"(val sensitivity {fmt(v['sensitivity'])}, specificity {fmt(v['specificity'])}).",
+        "",
+        f"Measured on the {split} split ({m['n']} images, {m['n_positive']} needing referral; 95% bootstrap CIs):",
+        "",
+        "| | value (95% CI) |",
+        "|---|---|",
+        *[f"| {name} | {interval_text(m[key])} |" for key, name in RATE_NAMES],
+        f"| referrals per 100 images | {fmt(m['referrals_per_100'], 1)} |",
+        "",
+        f"{referral['verdict'][0].upper()}{referral['verdict'][1:]}. These rates hold for images like the test "
+        "split's; the prevalence of lesions needing a doctor among an app's users is different, and PPV and NPV "
+        "move with it.",
+        "",
+    ]
+
+
 def model_card(
     cfg: dict[str, Any],
     summary: dict[str, Any],
@@ -112,6 +142,7 @@ def model_card(
         "",
         *data_section(summary, cfg),
         *metrics_section(metrics),
+        *referral_card_section(metrics),
         INTENDED_USE,
         LIMITS,
     ]

@@ -21,7 +21,9 @@ into the same order.
 The module also holds:
 
 * :func:`bootstrap_ci`: seeded percentile bootstrap intervals for
-  ``balanced_accuracy`` and ``mean_auc``, vectorised over resamples.
+  ``balanced_accuracy`` and ``mean_auc``, vectorised over resamples (not
+  stratified: images are drawn from the whole set, so class counts vary),
+  in the shape of :func:`bootstrap_interval`.
 * :func:`expected_calibration_error` and :func:`reliability_bins`: top-label
   calibration with equal-width confidence bins.
 * :func:`to_isic2018`: 8-class probabilities folded into the ISIC 2018
@@ -305,9 +307,24 @@ def _resample_metrics(
     return recall, recall_defined, auc, auc_defined
 
 
-def _interval(values: np.ndarray, estimate: float | None, level: float, n_resamples: int) -> dict[str, Any]:
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float | None, float | None]:
+    """The (low, high) percentile bounds of bootstrap ``values`` at ``level``; (None, None) when there are none."""
+    values = np.asarray(values, dtype=float)
+    if not len(values):
+        return None, None
     tail = 100 * (1 - level) / 2
-    low, high = (float(v) for v in np.percentile(values, [tail, 100 - tail])) if len(values) else (None, None)
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_interval(values: np.ndarray, estimate: float | None, level: float, n_resamples: int) -> dict[str, Any]:
+    """A percentile bootstrap interval of ``values`` (the metric on each usable resample), in metrics.json's CI shape.
+
+    ``{"estimate", "low", "high", "level", "n_resamples", "n_used"}``: ``n_used``
+    counts the resamples on which the metric was defined; ``low``/``high``
+    are None when there is none (or no resampling at all).
+    """
+    low, high = percentile_interval(values, level)
     return {
         "estimate": estimate,
         "low": low,
@@ -372,8 +389,8 @@ def bootstrap_ci(
             auc_values.append(auc[ok][:, has_auc].mean(axis=1))
 
     return {
-        "balanced_accuracy": _interval(np.concatenate(ba_values), ba_estimate, level, n_resamples),
-        "mean_auc": _interval(
+        "balanced_accuracy": bootstrap_interval(np.concatenate(ba_values), ba_estimate, level, n_resamples),
+        "mean_auc": bootstrap_interval(
             np.concatenate(auc_values) if auc_values else np.array([]), auc_estimate, level, n_resamples
         ),
     }

@@ -102,19 +102,132 @@ def _roc_figure(y_true: Any, probabilities: Any, classes: Sequence[str] = CODES)
             ax.plot(fpr, tpr, color=colours(i % 10), linewidth=2, label=f"{_name(code)}: AUC {auc:.3f}")
         macro = f"macro AUC {np.mean(aucs):.3f} over {len(aucs)} of {k} classes" if aucs else "no AUC defined"
         ax.set_title(f"ROC curves, one class vs rest (n={len(y_true)})\n{macro}")
-        ax.set_xlabel("false positive rate (1 - specificity)")
-        ax.set_ylabel("true positive rate (sensitivity)")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_aspect("equal")
-        ax.grid(alpha=0.3)
+        _roc_axes(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)")
         ax.legend(loc="lower right", framealpha=0.9)
     return fig
+
+
+def _roc_axes(ax, xlabel: str, ylabel: str) -> None:
+    """A square unit ROC plane with a light grid."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
 
 
 def roc_curves(y_true: Any, probabilities: Any, path: PathLike, classes: Sequence[str] = CODES) -> Path:
     """One-vs-rest ROC per class with its AUC; classes without positives listed as undefined."""
     return _save(_roc_figure(y_true, probabilities, classes), path)
+
+
+# Referral ROC -------------------------------------------------------------------
+
+
+def _referral_figure(
+    needs_referral: Any, scores: Any, threshold: float, target: float | None = None,
+    val_point: tuple[float, float] | None = None,
+) -> Figure:
+    """ROC of the referral score, the operating point (``score >= threshold``) marked, and val's point beside it.
+
+    ``val_point`` is (sensitivity, specificity) on val, where the threshold was chosen.
+    """
+    truth = np.asarray(needs_referral, dtype=bool)
+    scores = np.asarray(scores, dtype=float)
+    if truth.ndim != 1 or truth.shape != scores.shape:
+        raise ValueError(f"expected needs_referral and scores of the same 1-D shape, got {truth.shape} and {scores.shape}")
+    with matplotlib.rc_context(STYLE):
+        fig = _figure((7.5, 7.5))
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1.2, label="chance (AUC 0.5)")
+        title = f"Referral score ROC (n={len(truth)}, {int(truth.sum())} needing referral)"
+        if truth.any() and not truth.all():
+            fpr, tpr, auc = _roc(truth, scores)
+            ax.plot(fpr, tpr, color="tab:blue", linewidth=2, label=f"referral score: AUC {auc:.3f}")
+            refer = scores >= threshold
+            sensitivity = float(refer[truth].mean())
+            specificity = float((~refer[~truth]).mean())
+            ax.plot(1 - specificity, sensitivity, "o", color="tab:red", markersize=10, zorder=5,
+                    label=f"operating point, score ≥ {threshold:.3g}: sensitivity {sensitivity:.3f}, "
+                          f"specificity {specificity:.3f}")
+        else:
+            ax.text(0.5, 0.5, "ROC undefined: needs images with and without a referral class",
+                    ha="center", va="center", transform=ax.transAxes)
+        if val_point is not None and None not in val_point:
+            ax.plot(1 - val_point[1], val_point[0], "s", markerfacecolor="none", markeredgecolor="tab:red",
+                    markersize=10, markeredgewidth=2, label=f"on val (where it was chosen): sensitivity {val_point[0]:.3f}")
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label=f"target sensitivity {target:g}")
+        ax.set_title(title)
+        _roc_axes(ax, "false positive rate (1 - specificity): benign lesions referred",
+                  "sensitivity: lesions needing a doctor that are referred")
+        ax.legend(loc="lower right", framealpha=0.9, fontsize=9)
+    return fig
+
+
+def referral_roc(
+    needs_referral: Any, scores: Any, threshold: float, path: PathLike, target: float | None = None,
+    val_point: tuple[float, float] | None = None,
+) -> Path:
+    """ROC of the referral score with the operating point marked (and the target and val's point)."""
+    return _save(_referral_figure(needs_referral, scores, threshold, target, val_point), path)
+
+
+# Subgroups ----------------------------------------------------------------------
+
+_SUBGROUP_PANELS = (("balanced_accuracy", "balanced accuracy"), ("referral_sensitivity", "referral sensitivity"))
+
+
+def _subgroup_figure(subgroups: Mapping[str, Any]) -> Figure:
+    """A forest plot: per group, balanced accuracy and referral sensitivity with their 95% CIs.
+
+    Groups are listed under their dimension; the overall figure is a dashed
+    line. Small groups are grey, groups whose sensitivity CI lies wholly
+    below the overall estimate red.
+    """
+    rows: list[tuple[str, str, Mapping[str, Any]]] = [
+        (dimension, group, result)
+        for dimension, groups in (subgroups.get("dimensions") or {}).items()
+        for group, result in groups.items()
+    ]
+    overall = {"referral_sensitivity": subgroups.get("overall_referral_sensitivity"),
+               "balanced_accuracy": subgroups.get("overall_balanced_accuracy")}
+    y = np.arange(len(rows))
+    with matplotlib.rc_context(STYLE):
+        fig = _figure((13, 1.2 + 0.32 * max(len(rows), 1)))
+        axes = fig.subplots(1, len(_SUBGROUP_PANELS), sharey=True, squeeze=False)[0]
+        for ax, (metric, title) in zip(axes, _SUBGROUP_PANELS):
+            for i, (_, _, result) in enumerate(rows):
+                interval = result.get(metric) or {}
+                value = interval.get("estimate")
+                if value is None:
+                    continue
+                colour = ("tab:red" if "below overall" in result.get("flags", [])
+                          else "0.6" if "small" in result.get("flags", []) else "tab:blue")
+                if interval.get("low") is not None:
+                    ax.plot([interval["low"], interval["high"]], [i, i], color=colour, linewidth=2)
+                ax.plot(value, i, "o", color=colour, markersize=5)
+            if overall.get(metric) is not None:
+                ax.axvline(overall[metric], color="0.3", linestyle="--", linewidth=1,
+                           label=f"overall {overall[metric]:.3f}")
+                ax.legend(loc="lower left", fontsize=9)
+            boundaries = [i - 0.5 for i in range(1, len(rows)) if rows[i][0] != rows[i - 1][0]]
+            for b in boundaries:
+                ax.axhline(b, color="0.8", linewidth=0.8)
+            ax.set_xlim(0, 1.02)
+            ax.set_title(f"{title} (95% CI)")
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(y, [f"{d}: {g} (n={r['n']})" for d, g, r in rows])
+        axes[0].invert_yaxis()
+        fig.suptitle(f"Subgroups of the {subgroups.get('split', 'test')} split "
+                     f"(grey: under {subgroups.get('min_images', '?')} images; red: sensitivity CI below overall)")
+    return fig
+
+
+def subgroups_plot(subgroups: Mapping[str, Any], path: PathLike) -> Path:
+    """Forest plot of metrics.json's ``subgroups``: balanced accuracy and referral sensitivity per group."""
+    return _save(_subgroup_figure(subgroups), path)
 
 
 # Confusion matrix --------------------------------------------------------------
@@ -320,7 +433,9 @@ def training_curves(history: pd.DataFrame, path: Path, phase1_epochs: int) -> Pa
 
 __all__ = [
     "confusion_matrix_plot",
+    "referral_roc",
     "reliability_diagram",
     "roc_curves",
+    "subgroups_plot",
     "training_curves",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from dermascan.artifacts import REFERRAL_ROC, SUBGROUPS_PLOT
 from dermascan.classes import BY_CODE
 
 # The figures the reference project published, under the names it used.
@@ -81,6 +82,83 @@ def confusion_table(m: dict[str, Any]) -> list[str]:
     return rows
 
 
+def interval_text(interval: Optional[dict[str, Any]]) -> str:
+    """``0.931 (0.893 - 0.962)`` from a CI dict; ``n/a`` when there is no estimate."""
+    if not interval or interval.get("estimate") is None:
+        return "n/a"
+    if interval.get("low") is None:
+        return fmt(interval["estimate"])
+    return f"{fmt(interval['estimate'])} ({fmt(interval['low'])} - {fmt(interval['high'])})"
+
+
+RATE_NAMES = (
+    ("sensitivity", "sensitivity (lesions needing a doctor that are referred)"),
+    ("specificity", "specificity (other lesions not referred)"),
+    ("ppv", "PPV (referred lesions that need a doctor)"),
+    ("npv", "NPV (lesions not referred that do not need one)"),
+)
+
+
+def referral_section(referral: Optional[dict[str, Any]], split: str) -> list[str]:
+    """The headline a clinician reads: when the model says "see a doctor", and how often that is right."""
+    if not referral:
+        return []
+    lines = ["## Referral: should a doctor see this lesion?", ""]
+    if "skipped" in referral:
+        return lines + [f"No referral operating point: {referral['skipped']}.", ""]
+    m, v = referral[split], referral["val"]
+    lines += [
+        f"**Refer when P({' + '.join(referral['classes'])}) >= {referral['threshold']:.4f}.** "
+        f"The threshold is the highest whose sensitivity on val reaches the target {referral['target_sensitivity']:g} "
+        f"(chosen on {referral['chosen_on']}; there: sensitivity {fmt(v['sensitivity'])}, "
+        f"specificity {fmt(v['specificity'])}).",
+        "",
+        f"**{referral['verdict'][0].upper()}{referral['verdict'][1:]}.**",
+        "",
+        f"On the {split} split ({m['n']} images, {m['n_positive']} needing referral), 95% bootstrap CIs:",
+        "",
+        "| | value (95% CI) |",
+        "|---|---|",
+        *[f"| {name} | {interval_text(m[key])} |" for key, name in RATE_NAMES],
+        f"| referrals per 100 images | {fmt(m['referrals_per_100'], 1)} |",
+        "",
+        f"Plot: `plots/{REFERRAL_ROC}`.",
+        "",
+    ]
+    return lines
+
+
+def subgroup_section(subgroups: Optional[dict[str, Any]]) -> list[str]:
+    """One table per dimension (age band, sex, site, collection), each metric with its 95% CI, and the flags."""
+    if not subgroups or not subgroups.get("dimensions"):
+        return []
+    lines = [
+        f"## Subgroups of the {subgroups['split']} split",
+        "",
+        f"Each figure with its 95% bootstrap CI. Mean AUC is over the classes with both positives and negatives "
+        f"in the group. Referral figures use the val threshold ({fmt(subgroups.get('referral_threshold'), 4)}). "
+        f"Flags: *small*, under {subgroups['min_images']} images; *below overall*, the referral-sensitivity CI "
+        f"lies wholly below the overall {fmt(subgroups.get('overall_referral_sensitivity'))}. "
+        f"Plot: `plots/{SUBGROUPS_PLOT}`.",
+        "",
+    ]
+    for dimension, groups in subgroups["dimensions"].items():
+        lines += [
+            f"### By {dimension.replace('_', ' ')}",
+            "",
+            "| group | n | needing referral | balanced accuracy | mean AUC | referral sensitivity | referral specificity | flags |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for group, r in groups.items():
+            lines.append(
+                f"| {group} | {r['n']} | {r['n_positive']} | {interval_text(r['balanced_accuracy'])} "
+                f"| {interval_text(r['mean_auc'])} | {interval_text(r['referral_sensitivity'])} "
+                f"| {interval_text(r['referral_specificity'])} | {', '.join(r['flags'])} |"
+            )
+        lines.append("")
+    return lines
+
+
 def training_section(training: Optional[dict[str, Any]]) -> list[str]:
     """The training's warnings (collapse, a phase 2 that never beat phase 1) and its best epoch."""
     if not training or training.get("best_epoch") is None:
@@ -109,6 +187,7 @@ def render_report(result: dict[str, Any]) -> str:
         f"CIs: {((m.get('ci') or {}).get('balanced_accuracy') or {}).get('n_resamples', 'no')} bootstrap resamples of the images.",
         "",
     ]
+    lines += referral_section(result.get("referral"), split)
     lines += training_section(result.get("training"))
     lines += [
         "## Overall",
@@ -145,6 +224,7 @@ def render_report(result: dict[str, Any]) -> str:
             f"| mean AUC (ISIC 2018 7-class) | {fmt(o['mean_auc'])} | {ci(o, 'mean_auc')} |",
             "",
         ]
+    lines += subgroup_section(result.get("subgroups"))
     if "val" in result and split != "val":
         v = result["val"]
         lines += ["## Validation split", "",
@@ -152,5 +232,5 @@ def render_report(result: dict[str, Any]) -> str:
                   f"top-1 accuracy {fmt(v['top1_accuracy'])} ({v['n']} images).", ""]
     lines += ["## Confusion matrix (counts)", "", *confusion_table(m), "",
               "Plots: `plots/roc_curves.png`, `plots/confusion_matrix.png`, `plots/reliability.png`, "
-              "`plots/training_curves.png`.", ""]
+              f"`plots/training_curves.png`, `plots/{REFERRAL_ROC}`, `plots/{SUBGROUPS_PLOT}`.", ""]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The FastAPI app: ``create_app(export_dir, runtime) -> FastAPI``.
 
-    POST /v1/predict   an image (multipart field ``file``, or a raw image/* body) -> ranked classes
+    POST /v1/predict   an image (multipart field ``file``, or a raw image/* body) -> referral decision, ranked classes
     GET  /health       200 when the model is loaded and its manifest verified, else 503
     GET  /v1/classes   the 8 classes: code, name, lay description, category
     GET  /v1/model     what is served: versions, input, runtime, model card, parity report
@@ -48,7 +48,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import anyio
 import anyio.to_thread
@@ -119,7 +119,19 @@ class ImageInfo(BaseModel):
     draft_scale: int = Field(description="JPEG reduced-scale decoding factor (1: full decode)")
 
 
+class Referral(BaseModel):
+    recommended: bool = Field(description="true: the image should be seen by a doctor (score >= threshold)")
+    score: float = Field(ge=0.0, le=1.0, description="summed probability of the classes that need a doctor")
+    threshold: float = Field(ge=0.0, le=1.0, description="the operating point chosen on val for a target sensitivity")
+    classes: list[str] = Field(examples=[["AK", "BCC", "MEL", "SCC"]])
+    val_sensitivity: Optional[float] = Field(description="val sensitivity of the decision at this threshold")
+    val_specificity: Optional[float] = Field(description="val specificity of the decision at this threshold")
+
+
 class Prediction(BaseModel):
+    referral: Optional[Referral] = Field(
+        description="should this lesion be looked at by a doctor; null when the model has no operating point"
+    )
     predictions: list[ClassProbability] = Field(description="every class, most probable first")
     top: TopClass
     disclaimer: str
@@ -468,6 +480,7 @@ def prediction(current: ServedModel, prepared: Any, probabilities: Any, started:
     latency_ms = round(1000 * (time.perf_counter() - started), 3)
     log.debug("predict: %s %.3f in %.1f ms", best["code"], ranked[0]["probability"], latency_ms)
     return {
+        "referral": current.referral_of(probabilities),
         "predictions": ranked,
         "top": {**ranked[0], "category": best["category"], "description": best["description"]},
         "disclaimer": current.disclaimer,

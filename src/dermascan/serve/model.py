@@ -49,6 +49,23 @@ def _classes(labels: dict, path: Path) -> list[dict]:
     return sorted(classes, key=lambda c: c.get("index", 0))
 
 
+def _referral(labels: dict, classes: list[dict], path: Path) -> dict | None:
+    """labels.json's referral operating point, checked; None when the export has none (an older export)."""
+    referral = labels.get("referral")
+    if referral is None:
+        return None
+    indices = referral.get("indices") if isinstance(referral, dict) else None
+    threshold = referral.get("threshold") if isinstance(referral, dict) else None
+    if (
+        not isinstance(indices, list) or not indices
+        or not all(type(i) is int and 0 <= i < len(classes) for i in indices)
+        or isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0
+    ):
+        raise ServeError(f"{path}: 'referral' needs class 'indices' (0-{len(classes) - 1}) and a 'threshold' "
+                         f"in [0, 1], got {repr(referral)[:160]}")
+    return referral
+
+
 def _input_size(labels: dict) -> int:
     spec = labels.get("input") or {}
     if not isinstance(spec, dict):
@@ -85,6 +102,22 @@ class ServedModel:
     load_seconds: float
     classes: list[dict] = field(default_factory=list)
     parity: dict | None = None
+    referral: dict | None = None  # labels.json's operating point
+
+    def referral_of(self, probabilities: np.ndarray) -> dict | None:
+        """The referral decision for one image's probabilities, as labels.json defines it (the phone's rule too)."""
+        if self.referral is None:
+            return None
+        score = float(sum(float(probabilities[i]) for i in self.referral["indices"]))
+        threshold = float(self.referral["threshold"])
+        return {
+            "recommended": score >= threshold,
+            "score": score,
+            "threshold": threshold,
+            "classes": [self.classes[i]["code"] for i in self.referral["indices"]],
+            "val_sensitivity": self.referral.get("val_sensitivity"),
+            "val_specificity": self.referral.get("val_specificity"),
+        }
 
     @property
     def model_version(self) -> str:
@@ -109,6 +142,7 @@ class ServedModel:
             "input": {"size": [self.image_size, self.image_size], "channels": "RGB", "resize": self.resize_method},
             "classes": [c["code"] for c in self.classes],
             "temperature": self.labels.get("temperature"),
+            "referral": self.referral,
             "files_verified": self.files_verified,
             "card": card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None,
             "parity": self.parity,
@@ -125,6 +159,7 @@ def load_model(
     labels = read_labels(export_dir)
     classes = _classes(labels, export_dir / LABELS)
     size, method = _input_size(labels), _resize_method(labels)
+    referral = _referral(labels, classes, export_dir / LABELS)
     # read once, now: a malformed parity.json is refused at start-up, not on every GET /v1/model
     parity = read_json_object(export_dir / PARITY) if (export_dir / PARITY).is_file() else None
     predict = load_predictor(export_dir, runtime, tflite=tflite, num_threads=num_threads)
@@ -142,5 +177,7 @@ def load_model(
         "loaded %s (%s%s, %d px, %s resize, %d files verified) in %.2f s",
         export_dir, runtime, f" {tflite}" if runtime == "tflite" else "", size, method, files, seconds,
     )
-    return ServedModel(export_dir, runtime, tflite, labels, predict, size, method, files, seconds, classes, parity)
+    return ServedModel(
+        export_dir, runtime, tflite, labels, predict, size, method, files, seconds, classes, parity, referral
+    )
 
