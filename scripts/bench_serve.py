@@ -203,7 +203,7 @@ def draft_report(export_dir: Path, runtime: str, tflite: str, count: int) -> Non
             uploads.append(data)
             full_pixels.append(prepare_image(data, size, served.resize_method, draft_factor=None).pixels)
     full = np.stack(full_pixels)
-    reference = predict(full)
+    reference = predict(full)["probabilities"]
 
     def q95(pixels: np.ndarray) -> np.ndarray:
         buf = io.BytesIO()
@@ -216,7 +216,7 @@ def draft_report(export_dir: Path, runtime: str, tflite: str, count: int) -> Non
             [prepare_image(d, size, served.resize_method, draft_factor=factor).pixels for d in uploads]
         )
     for name, pixels in variants.items():
-        probabilities = predict(pixels)
+        probabilities = predict(pixels)["probabilities"]
         pixel_diff = np.abs(pixels.astype(int) - full)
         prob_diff = np.abs(probabilities - reference)
         rows[name] = {

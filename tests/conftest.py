@@ -22,7 +22,9 @@ SAMPLE_IMAGES = SHARED / "isic-sample" / "images"
 
 # A test that uses one of these fixtures (directly or through another) trains or
 # exports a model first: it belongs to the integration tier.
-INTEGRATION_FIXTURES = frozenset({"debug_run", "exported", "mlflow_server", "synthesized", "isolated_kernel"})
+INTEGRATION_FIXTURES = frozenset(
+    {"debug_run", "exported", "exported_gated", "mlflow_server", "synthesized", "isolated_kernel"}
+)
 INTEGRATION_MODULES = frozenset({"test_main_job", "test_notebook", "test_packaging", "test_infra", "test_real_recipe"})
 
 
@@ -181,3 +183,48 @@ def exported(sample_pixels, tmp_path_factory):
         min_agreement=0.0, latency_runs=10, card="# tiny test model\n\nNot trained; not a diagnosis.\n",
     )
     return model, out_dir, report
+
+
+def synthetic_outside(size: int, n: int = 12) -> "np.ndarray":
+    """Images that are not dermoscopy: flat colours and uniform noise, uint8 [n, size, size, 3], seeded."""
+    rng = np.random.default_rng(7)
+    colours = [(0, 0, 0), (255, 255, 255), (128, 128, 128), (255, 0, 0), (0, 90, 255), (30, 160, 60)]
+    flat = [np.full((size, size, 3), colour, np.uint8) for colour in colours]
+    noise = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n - len(flat))]
+    return np.stack(flat + noise)
+
+
+@pytest.fixture(scope="session")
+def exported_gated(sample_pixels, tmp_path_factory):
+    """The tiny model with its out-of-scope gate, fitted on half of the real sample images and thresholded on
+    the other half, exported as fp32 and int8_full TFLite; the gate's decision is checked on synthetic images too."""
+    import keras
+
+    from dermascan.export import export_model
+    from dermascan.modeling.model import build_model
+    from dermascan.modeling.ood import FEATURES_LAYER, fit_gate
+
+    images, labels = sample_pixels
+    keras.utils.set_random_seed(0)
+    model, base = build_model(model_config(image_size=EXPORT_SIZE, weights=None, alpha=0.35, units=[16, 8], dropout=[0.3, 0.3],
+                              bn_momentum=0.0))
+    with_real_statistics(model, base, images)
+    features = keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output).predict(
+        images.astype("float32"), verbose=0)
+    gate = fit_gate(features[::2], labels[::2], features[1::2], dims=32, keep=0.95)
+    scores = gate.score(features)
+    out_dir = tmp_path_factory.mktemp("export_gated") / "export"
+    report = export_model(
+        model, out_dir, image_size=EXPORT_SIZE, tflite=["fp32", "int8_full"], resize_method="bilinear",
+        # as export_run calibrates: with the lesions the gate rejects, so int8's score range reaches past the threshold
+        parity_images=images, parity_labels=labels, gate=gate,
+        representative=np.concatenate([images[::4], images[scores > gate.threshold]]),
+        outside_images=synthetic_outside(EXPORT_SIZE), out_of_scope={"val_rejected": 0.05, "sets": {}},
+        int8_float_ops=["DEPTHWISE_CONV_2D"], int8_float_layers=["out_of_scope"],  # configs/export's defaults
+        min_agreement=0.0, min_decision_agreement=0.99, required=[],
+        card="# tiny gated test model\n\nNot trained; not a diagnosis.\n",
+    )
+    # The sample lesion the gate scores highest: out of scope for this untrained backbone, whose features put
+    # flat colours among the lesions (the real-model separation is the slow test in test_real_recipe.py).
+    assert scores.max() > gate.threshold * 1.05, (scores.max(), gate.threshold)
+    return model, out_dir, report, gate, int(scores.argmax())

@@ -230,6 +230,31 @@ def test_referral_and_subgroup_tables_read_metrics_json(table):
     assert analysis.subgroup_table({}).empty
 
 
+def test_out_of_scope_tables_and_the_images_nearest_the_threshold():
+    figures = {"n": 25, "auroc": 0.99, "fpr_at_95_tpr": None, "rejected": 0.96}
+    evaluation = {"out_of_scope": {"threshold": 2.0, "sets": {"skimage": figures, "synthetic": figures},
+                                   "corrupted": {"blur": {**figures, "n": 3}}}}
+    table = analysis.out_of_scope_table(evaluation)
+    assert list(table.index) == ["skimage", "synthetic", "blur"]
+    assert list(table["kind"]) == ["out of scope", "out of scope", "corrupted lesion"]
+    assert table.loc["blur", "n"] == 3 and table.loc["skimage", "fpr_at_95_tpr"] is None
+    assert analysis.out_of_scope_table({"out_of_scope": {"skipped": "why"}}).empty
+    assert analysis.out_of_scope_table({}).empty
+
+    scores = pd.DataFrame({
+        "set": ["test", "test", "test", "val", "skimage", "skimage", "blur"],
+        "image": ["a", "b", "c", "v", "cat", "moon", "a"],
+        "score": [1.9, 0.5, 2.3, 2.0, 2.05, 6.0, 2.6],
+    })
+    scores["rejected"] = scores["score"] > 2.0
+    inside, outside = analysis.nearest_threshold(scores, 2.0, 2, "test")
+    assert list(inside["image"]) == ["a", "c"]  # |1.9 - 2| < |2.3 - 2| < |0.5 - 2|
+    assert list(outside["image"]) == ["cat", "a"] and list(outside["set"]) == ["skimage", "blur"]  # val aside
+    sets = analysis.score_sets(scores)
+    assert list(sets) == ["test", "skimage", "blur"] and sets["test"].tolist() == [1.9, 0.5, 2.3]
+    assert analysis.out_of_scope_caption(outside.iloc[0]) == "skimage: cat\nscore 2.050, rejected"
+
+
 # Figures -----------------------------------------------------------------------------
 
 
@@ -405,6 +430,23 @@ def test_explain_a_debug_run_image(debug_run):
     assert analysis.gradcam_ids(a.table, 2, ["x"]) == ["x"]
     with pytest.raises(DataError):
         analysis.explain(a, ["not-an-image"])
+
+
+def test_out_of_scope_images_of_a_debug_run_are_the_scored_pixels(debug_run):
+    """The images the notebook shows nearest the threshold are rebuilt exactly as evaluation scored them."""
+    from dermascan.evaluation.out_of_scope import features_model
+    from dermascan.modeling.ood import load_gate
+
+    a = analysis.load(run_dir=debug_run[0].run_dir)
+    scores = analysis.out_of_scope_scores(a)
+    gate = load_gate(a.run.run_dir / "out_of_scope.npz")
+    inside, outside = analysis.nearest_threshold(scores, gate.threshold, 3, a.split)
+    picked = pd.concat([inside, outside, scores[scores["set"].isin(["synthetic", "rotated"])].head(2)],
+                       ignore_index=True)
+    images = np.stack(analysis.out_of_scope_images(a, picked))
+    assert images.shape == (len(picked), a.image_size, a.image_size, 3) and images.dtype == np.uint8
+    rebuilt = gate.score(features_model(a.model()).predict(images.astype(np.float32), verbose=0))
+    np.testing.assert_allclose(rebuilt, picked["score"], rtol=1e-4, atol=1e-5)
 
 
 def test_latest_run_dir(tmp_path):

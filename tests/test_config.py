@@ -127,6 +127,7 @@ PRIMARY = [
     ("evaluate_run", [], "EvaluateRunConfig"),
     ("export_run", ["run_dir=/r"], "ExportRunConfig"),
     ("serve", ["export_dir=/e"], "ServeConfig"),
+    ("predict", ["export_dir=/e", "images=/i", "out=/o.csv"], "PredictConfig"),
 ]
 
 

@@ -139,6 +139,26 @@ def test_exported_model_plus_manifest_reevaluates_with_and_without_tta(debug_run
     assert list(predictions.columns) == ["image", *CODES] and len(predictions) == original["n"]
     truth = pd.read_csv(tmp_path / "eval" / "ground_truth.csv")
     assert list(truth["image"]) == list(predictions["image"])
+    # the exported model's gap layer gets its own gate, written with the re-evaluation, not into the export
+    assert (tmp_path / "eval" / "out_of_scope.npz").is_file() and "threshold" in result["out_of_scope"]
+    assert not (run_dir / "export" / "out_of_scope.npz").exists()
+
+
+@pytest.mark.integration
+def test_reevaluating_a_run_writes_its_gate_beside_the_results_and_leaves_the_runs_alone(debug_run, tmp_path):
+    cfg, _, _ = debug_run
+    run_dir = Path(cfg.run_dir)
+    before = (run_dir / "out_of_scope.npz").read_bytes()
+    eval_cfg = compose_config("evaluate_run", [f"run_dir={run_dir}", f"out_dir={tmp_path / 'eval'}",
+                                               "log_to_mlflow=false", "evaluate.bootstrap_resamples=0"],
+                              EvaluateRunConfig)
+    result = evaluate_main_task(eval_cfg)
+    assert (run_dir / "out_of_scope.npz").read_bytes() == before
+    saved = json.loads((run_dir / "metrics.json").read_text())["out_of_scope"]
+    # the same images, model and seeded train sample: the same gate
+    assert result["out_of_scope"]["threshold"] == pytest.approx(saved["threshold"], rel=1e-5)
+    assert (tmp_path / "eval" / "out_of_scope.npz").is_file() and (tmp_path / "eval" / "out_of_scope_scores.csv").is_file()
+    assert (tmp_path / "eval" / "plots" / "out_of_scope.png").is_file()
 
 
 def test_evaluate_cli_needs_a_run_or_an_export_and_manifest():

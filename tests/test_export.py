@@ -35,15 +35,15 @@ def test_every_format_round_trips_on_the_real_sample_images(exported, sample_pix
     assert np.ptp(reference, axis=0).max() > 1e-3  # and the answers depend on the image
     np.testing.assert_array_equal(reference.argmax(1), raw.argmax(1))  # and keeps the ranking
     for runtime in ("keras", "savedmodel"):
-        np.testing.assert_allclose(load_predictor(out_dir, runtime)(images), reference, atol=1e-5, err_msg=runtime)
+        np.testing.assert_allclose(load_predictor(out_dir, runtime)(images)["probabilities"], reference, atol=1e-5, err_msg=runtime)
     # TFLite's float32 kernels (XNNPACK or its reference kernels alike) sum in another order than
     # TensorFlow's: up to ~2e-5 apart on this random-weight model (2.2e-6 on the trained demo model), never a top-1 change.
-    fp32 = load_predictor(out_dir, "tflite", "fp32")(images)
+    fp32 = load_predictor(out_dir, "tflite", "fp32")(images)["probabilities"]
     np.testing.assert_allclose(fp32, reference, atol=5e-5)
     assert np.array_equal(fp32.argmax(1), reference.argmax(1)) and report["formats"]["tflite_fp32"]["top1_agreement"] == 1.0
     for kind in ("fp16", "int8_dynamic", "int8_full"):
         result = report["formats"][f"tflite_{kind}"]
-        got = load_predictor(out_dir, "tflite", kind)(images)
+        got = load_predictor(out_dir, "tflite", kind)(images)["probabilities"]
         agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
         assert agreement == pytest.approx(result["top1_agreement"]), kind
         assert result["kept"] is True and 0.0 <= result["balanced_accuracy"] <= 1.0
@@ -69,8 +69,8 @@ def test_preprocessing_is_inside_the_savedmodel_uint8_and_float_endpoints(export
     images = sample_pixels[0][:16]
     predict = load_predictor(out_dir, "savedmodel")
     reference = keras.models.load_model(out_dir / "model.keras").predict(images.astype(np.float32), verbose=0)
-    np.testing.assert_allclose(predict(images), reference, atol=1e-5)  # uint8 pixels, no Python-side math
-    np.testing.assert_allclose(predict(images.astype(np.float32)), reference, atol=1e-5)
+    np.testing.assert_allclose(predict(images)["probabilities"], reference, atol=1e-5)  # uint8 pixels, no Python-side math
+    np.testing.assert_allclose(predict(images.astype(np.float32))["probabilities"], reference, atol=1e-5)
     # full-integer TFLite takes uint8 pixels, its scale set by the calibration images' range (~1)
     from ai_edge_litert.interpreter import Interpreter
 

@@ -22,7 +22,8 @@ import nbformat
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "error_analysis.ipynb"
-PARAMETERS = {"run_dir": None, "mlflow_run_id": None, "tracking_uri": None, "n_worst": 12, "gradcam_images": 4}
+PARAMETERS = {"run_dir": None, "mlflow_run_id": None, "tracking_uri": None, "n_worst": 12, "gradcam_images": 4,
+              "n_nearest": 8}
 KERNEL = "dermascan-nbtest"
 
 
@@ -114,7 +115,8 @@ def test_notebook_runs_on_the_debug_run(debug_run, isolated_kernel):
     from dermascan.evaluation import analysis
 
     cfg = debug_run[0]
-    nb = inject(nbformat.read(NOTEBOOK, as_version=4), run_dir=str(cfg.run_dir), n_worst=6, gradcam_images=2)
+    nb = inject(nbformat.read(NOTEBOOK, as_version=4), run_dir=str(cfg.run_dir), n_worst=6, gradcam_images=2,
+                n_nearest=3)
     client = NotebookClient(
         nb, kernel_name=isolated_kernel, timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     )
@@ -159,6 +161,20 @@ def test_notebook_runs_on_the_debug_run(debug_run, isolated_kernel):
         assert f"Subgroups by {dimension.replace('_', ' ')}" in markdown
         assert all(str(group) in rates for group in groups), dimension
     assert len(outputs(section, "image/png")) == 1
+
+    gate = expected.evaluation["out_of_scope"]
+    assert "threshold" in gate, gate
+    section = tagged(nb, "out-of-scope")
+    markdown = "".join(outputs(section, "text/markdown"))
+    assert f"> {gate['threshold']:.4f}" in markdown and f"{gate['test_rejected']:.1%} of the test images" in markdown
+    assert "The test images (lesions) nearest the threshold" in markdown
+    assert "The out-of-scope images nearest the threshold" in markdown
+    assert len(outputs(section, "image/png")) == 3  # the histograms, then one gallery per side
+    inside, outside = analysis.nearest_threshold(analysis.out_of_scope_scores(expected), gate["threshold"], 3, "test")
+    shown = text(section)
+    assert len(inside) == len(outside) == 3
+    assert all(str(image) in shown for image in [*inside["image"], *outside["image"]])
+    assert all(name in shown for name in ("skimage", "synthetic", "corrupted lesion"))
 
     gradcam = tagged(nb, "gradcam")
     assert len(outputs(gradcam, "image/png")) == 1

@@ -114,7 +114,7 @@ def predictor(export_dir):
 
 def expected(predictor, path: Path) -> np.ndarray:
     """The exported model on the file, resized as training resizes it."""
-    return predictor(np.asarray(resize_image(path, SIZE, "bilinear"))[None])[0]
+    return predictor(np.asarray(resize_image(path, SIZE, "bilinear"))[None])["probabilities"][0]
 
 
 def served(body: dict) -> np.ndarray:
@@ -182,8 +182,10 @@ def test_served_probabilities_equal_the_exported_model_on_every_sample(client, p
 def test_response_fields(client):
     path = sample_paths()[7]
     body = post_file(client, path.read_bytes(), path.name).json()
-    assert set(body) == {"referral", "predictions", "top", "disclaimer", "model_version", "version", "runtime",
-                         "latency_ms", "image"}
+    assert set(body) == {"in_scope", "message", "out_of_scope", "referral", "predictions_usable", "predictions", "top",
+                         "disclaimer", "model_version", "version", "runtime", "latency_ms", "image"}
+    # No gate in this export: always in scope, nothing withheld.
+    assert (body["in_scope"], body["message"], body["out_of_scope"], body["predictions_usable"]) == (True, None, None, True)
     probabilities = [row["probability"] for row in body["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 1e-5
     assert [set(row) for row in body["predictions"]] == [{"code", "name", "probability"}] * len(CLASSES)
@@ -325,12 +327,12 @@ def test_phone_size_jpeg_is_served_from_a_reduced_scale_decode(client, predictor
         data = phone_jpeg(index, noise)
         body = post_file(client, data, "phone.jpg").json()
         assert body["image"] == {"format": "JPEG", "width": 4032, "height": 3024, "orientation": 1, "draft_scale": 8}
-        np.testing.assert_allclose(served(body), predictor(prepare_image(data, SIZE).pixels[None])[0], atol=1e-5)
+        np.testing.assert_allclose(served(body), predictor(prepare_image(data, SIZE).pixels[None])["probabilities"][0], atol=1e-5)
         full = prepare_image(data, SIZE, draft_factor=None).pixels
-        reference = predictor(full[None])[0]
+        reference = predictor(full[None])["probabilities"][0]
         cache = np.asarray(Image.open(io.BytesIO(encode(Image.fromarray(full), "JPEG", quality=95, subsampling=0))))
         draft_diff.append(np.abs(served(body) - reference))
-        cache_diff.append(np.abs(predictor(cache[None])[0] - reference))
+        cache_diff.append(np.abs(predictor(cache[None])["probabilities"][0] - reference))
     draft_diff, cache_diff = np.stack(draft_diff), np.stack(cache_diff)
     print(f"\nphone-size JPEG -> {SIZE} px, probability |diff| vs the full decode: draft max {draft_diff.max():.4f} "
           f"mean {draft_diff.mean():.4f}; q95 cache round trip max {cache_diff.max():.4f} mean {cache_diff.mean():.4f}")

@@ -43,7 +43,10 @@ def test_debug_run_produces_checkpoint_metrics_and_export(debug_run):
     exported = keras.models.load_model(artifacts["export"] / "model.keras")
     labels = json.loads((artifacts["export"] / "labels.json").read_text())
     assert [c["code"] for c in labels["classes"]] == ["AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC"]
-    assert exported.output_shape == (None, 8)
+    # With its out-of-scope gate: two named outputs, the probabilities and the gate's score.
+    assert exported.output_shape == {"probabilities": (None, 8), "out_of_scope": (None,)} or sorted(
+        map(tuple, exported.output_shape)) == [(None,), (None, 8)]
+    assert labels["out_of_scope"]["threshold"] == pytest.approx(result["out_of_scope"]["threshold"])
     for plot in ("training_curves", "roc_curves", "confusion_matrix", "reliability"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
     report = (run_dir / "report.md").read_text()
@@ -302,7 +305,7 @@ def test_recipe_defaults_and_isic_experiment(tmp_path):
     assert cpu.train.sampler == "balanced" and cpu.model.color_constancy == "shades_of_gray"
     # Issue 17: int8_full is a default again (a failing optional format is dropped, not fatal); int8_dynamic is not.
     assert list(cfg.export.tflite) == list(cpu.export.tflite) == ["fp32", "fp16", "int8_full"]
-    assert cfg.export.int8_float_ops == ["DEPTHWISE_CONV_2D"] and cfg.export.int8_float_layers == ["shades_of_gray"]
+    assert cfg.export.int8_float_ops == ["DEPTHWISE_CONV_2D"] and cfg.export.int8_float_layers == ["shades_of_gray", "out_of_scope"]
     demo = compose_config("train", [f"run_dir={tmp_path}"], RunConfig)
     assert demo.data.name == "demo" and demo.model.weights is None
     assert demo.train.sampler == "shuffle" and demo.model.color_constancy == "none"

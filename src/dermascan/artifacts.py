@@ -12,8 +12,10 @@ A training run dir (``python -m dermascan.train``)::
     ground_truth.csv           the truth of its labelled images, in the official ISIC ground-truth layout (one-hot)
     predictions_isic2018.csv   the 2018 7-class scheme (data.split=official only), and ground_truth_isic2018.csv
     metrics.json, report.md, calibration.json, summary.json
+    out_of_scope.npz           the out-of-scope gate evaluation fitted (modeling.ood.load_gate reads it; export builds it in)
+    out_of_scope_scores.csv    the gate's score of every image it was evaluated on: set, image, score, rejected
     plots/                     roc_curves.png, confusion_matrix.png, reliability.png, training_curves.png,
-                               referral_roc.png, subgroups.png
+                               referral_roc.png, subgroups.png, out_of_scope.png
     eval/<split>_tta-<tta>/    re-evaluations (python -m dermascan.evaluate)
     export/                    the export dir
     mlflow_run_id.txt          the MLflow run the stages log to
@@ -64,6 +66,9 @@ RELIABILITY = "reliability.png"
 TRAINING_CURVES = "training_curves.png"
 REFERRAL_ROC = "referral_roc.png"
 SUBGROUPS_PLOT = "subgroups.png"
+OUT_OF_SCOPE = "out_of_scope.npz"
+OUT_OF_SCOPE_SCORES = "out_of_scope_scores.csv"
+OUT_OF_SCOPE_PLOT = "out_of_scope.png"
 EVAL = "eval"
 EXPORT = "export"
 MLFLOW_RUN_ID = "mlflow_run_id.txt"

@@ -371,6 +371,14 @@ class SubgroupsConfig:
 
 
 @dataclass
+class OutOfScopeConfig:
+    enabled: bool = MISSING  # fit the gate (dermascan.modeling.ood) after training, and evaluate it
+    dims: int = MISSING  # k: the lowest-variance directions of the pooled features kept
+    keep: float = MISSING  # share of val images the threshold keeps in scope
+    max_train_images: int = MISSING  # train images the gate is fitted on, a seeded sample
+
+
+@dataclass
 class EvaluateConfig:
     split: Split = MISSING
     batch_size: int = MISSING
@@ -381,6 +389,7 @@ class EvaluateConfig:
     calibration_bins: int = MISSING
     referral: ReferralConfig = field(default_factory=ReferralConfig)
     subgroups: SubgroupsConfig = field(default_factory=SubgroupsConfig)
+    out_of_scope: OutOfScopeConfig = field(default_factory=OutOfScopeConfig)
 
 
 @dataclass
@@ -502,6 +511,33 @@ class ServeConfig:
     fail_fast: bool = MISSING  # refuse to start on a bad export; false: start and answer 503
     log_level: str = MISSING
     access_log: bool = MISSING
+
+
+@dataclass
+class PredictConfig:
+    """``python -m dermascan.predict export_dir=... images=... out=...`` (``configs/predict.yaml``).
+
+    Value checks: ``dermascan.predict.check`` (top-level keys, as serve's).
+    """
+
+    export_dir: str = MISSING
+    images: str = MISSING  # a folder (recursive), a CSV with an 'image' column, or one image
+    image_dir: Optional[str] = MISSING  # where a CSV's ids are looked up; null: the CSV's folder
+    out: str = MISSING
+    failures: Optional[str] = MISSING  # the unreadable-images report; null: <out stem>_failures.csv next to out
+    runtime: Runtime = MISSING
+    tflite: TfliteKind = MISSING
+    batch_size: int = MISSING
+    workers: int = MISSING  # decoding threads
+    num_threads: Optional[int] = MISSING  # TFLite threads; null: the runtime's default
+    unk: bool = MISSING  # the UNK column from the gate's score; false: the 8-class layout
+    unk_scale: float = MISSING  # UNK = sigmoid((score - threshold) / (unk_scale * threshold))
+    max_file_bytes: int = MISSING
+    max_pixels: int = MISSING
+    draft_factor: int = MISSING
+    max_jpeg_scans: int = MISSING
+    progress: bool = MISSING  # a progress bar; false: a log line every log_every images
+    log_every: int = MISSING
 
 
 def _check_data(data: Any) -> None:
@@ -642,6 +678,12 @@ def _check_evaluate(evaluate: Any) -> None:
     check_target(evaluate.referral.target_sensitivity)
     if evaluate.subgroups.min_images < 1:
         raise ConfigError(f"evaluate.subgroups.min_images must be >= 1, got {evaluate.subgroups.min_images}")
+    gate = evaluate.out_of_scope
+    if not 0.0 < gate.keep < 1.0:
+        raise ConfigError(f"evaluate.out_of_scope.keep must be in (0, 1), got {gate.keep}")
+    if gate.dims < 1 or gate.max_train_images < 2:
+        raise ConfigError(
+            f"evaluate.out_of_scope.dims must be >= 1 and max_train_images >= 2, got {gate.dims} and {gate.max_train_images}")
 
 
 def _check_export(export: Any) -> None:

@@ -19,8 +19,16 @@ Writes, in the output folder (the run dir by default):
   (``dermascan.evaluation.referral``); ``subgroups``: metrics per age band,
   sex, site and collection (``dermascan.evaluation.subgroups``).
 - ``calibration.json``: the temperature fitted on val (export applies it).
+- ``out_of_scope.npz``: the out-of-scope gate (``dermascan.modeling.ood``),
+  fitted on the train split's pooled features, its threshold on val's;
+  ``metrics.json["out_of_scope"]`` its figures against offline
+  out-of-scope sets (``dermascan.evaluation.ood``), and
+  ``out_of_scope_scores.csv`` every image's score. In a training run that is
+  the run dir, which export reads; a re-evaluation writes its own gate into
+  its own output folder and leaves the run's alone.
 - ``report.md`` and ``plots/``: ROC curves, confusion matrices, reliability
-  diagram, the referral score's ROC with its operating point, the subgroups.
+  diagram, the referral score's ROC with its operating point, the subgroups,
+  the out-of-scope score's histograms.
 """
 
 from __future__ import annotations
@@ -84,6 +92,7 @@ from dermascan.evaluation.metrics import (
     reliability_bins,
     to_isic2018,
 )
+from dermascan.evaluation.out_of_scope import evaluate_out_of_scope
 from dermascan.evaluation.referral import (
     class_indices,
     needs_referral,
@@ -96,6 +105,7 @@ from dermascan.evaluation.subgroups import evaluate_subgroups
 from dermascan.modeling.fit import load_keras
 from dermascan.modeling.inputs import evaluation_images
 from dermascan.rundir import load_run
+from dermascan.runtime import PROBABILITIES, named_outputs
 
 log = logging.getLogger("dermascan.evaluate")
 
@@ -127,7 +137,9 @@ def predict(
     if tta not in TTA:
         raise ValueError(f"unknown evaluate.tta {tta!r}; choose one of {', '.join(TTA)}")
     data = evaluation_images(frame, image_size, batch_size, cache)
-    views = [model.predict(data.map(lambda images, t=t: t(images)), verbose=0) for t in TTA[tta]]
+    # an exported model with its out-of-scope gate has two named outputs: the probabilities are one
+    views = [named_outputs(model.predict(data.map(lambda images, t=t: t(images)), verbose=0))[PROBABILITIES]
+             for t in TTA[tta]]
     return np.mean(views, axis=0)
 
 
@@ -229,7 +241,9 @@ def evaluate(
     temperature, fitted on val with the same TTA. ``isic2018``: also score
     the ISIC 2018 Test images in the 2018 scheme (``data.split=official``).
     ``training``: the training's review (``fit.review_phases``), kept in
-    metrics.json and shown at the top of the report.
+    metrics.json and shown at the top of the report. With
+    ``cfg.out_of_scope.enabled``, the out-of-scope gate is fitted and
+    evaluated (``evaluate_out_of_scope``) and saved as ``out_dir/out_of_scope.npz``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,6 +253,7 @@ def evaluate(
     result = score_all(predicted, cfg, seed, isic2018, out_dir)
     result["referral"], referral_scores = score_referral(predicted, cfg, seed)
     result["subgroups"] = score_subgroups(predicted, result["referral"], referral_scores, cfg, seed)
+    result["out_of_scope"] = evaluate_out_of_scope(model, manifest, predicted.rows, cfg, image_size, cache, seed, out_dir)
     if training is not None:
         result["training"] = training
     write_plots(predicted, result, cfg, out_dir / PLOTS, referral_scores)

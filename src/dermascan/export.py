@@ -40,6 +40,7 @@ from typing import Any, Mapping, Optional, Sequence
 import hydra
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,26 +53,34 @@ from dermascan.artifacts import (
     KERAS_MODEL,
     LABELS,
     METRICS,
+    OUT_OF_SCOPE_SCORES,
     PARITY,
     SAVED_MODEL,
     read_json,
     read_temperature,
     tflite_name,
 )
+from dermascan.artifacts import OUT_OF_SCOPE as GATE_FILE
 from dermascan.checksums import write_manifest
 from dermascan.classes import CLASSES, DISCLAIMER, INDEX
 from dermascan.config import ExportRunConfig, config_dir
 from dermascan.data.manifest import evaluation_rows
 from dermascan.errors import DermascanError
 from dermascan.evaluation.metrics import classification_metrics
-from dermascan.evaluation.parity import compare
+from dermascan.evaluation.parity import compare, gate_agreement
 from dermascan.evaluation.parity import markdown as parity_markdown
 from dermascan.evaluation.parity import refusals as parity_refusals
 from dermascan.modeling.model import inference_model
+from dermascan.modeling.ood import Gate as OodGate
+from dermascan.modeling.ood import load_gate
 from dermascan.rundir import Run, load_images, load_run, sample_rows
 from dermascan.runtime import (
+    OUT_OF_SCOPE,
+    PROBABILITIES,
     TFLITE_KINDS,
+    Outputs,
     keras_predictor,
+    named_outputs,
     savedmodel_predictor,
     tflite_predictor,
 )
@@ -83,7 +92,8 @@ class ExportError(DermascanError):
 
 
 def labels_json(image_size: int, resize_method: str, temperature: Optional[float] = None,
-                model_version: Optional[str] = None, referral: Optional[dict[str, Any]] = None) -> dict:
+                model_version: Optional[str] = None, referral: Optional[dict[str, Any]] = None,
+                out_of_scope: Optional[dict[str, Any]] = None) -> dict:
     """labels.json: everything an app needs in order to act, so that the phone needs no Python."""
     return {
         "version": __version__,
@@ -102,10 +112,35 @@ def labels_json(image_size: int, resize_method: str, temperature: Optional[float
             "resize": {"method": resize_method, "mode": "squash", "library": "PIL",
                        "note": f"squash the whole image to {image_size}x{image_size} (no crop), as training does"},
         },
-        "output": "softmax probabilities, in the order of 'classes'",
+        "output": "softmax probabilities, in the order of 'classes'" if out_of_scope is None else {
+            "probabilities": "softmax probabilities [N, 8], in the order of 'classes'",
+            "out_of_scope": "the out-of-scope gate's score [N]: see 'out_of_scope'",
+        },
         "temperature": temperature,
         "referral": referral_contract(referral),
+        "out_of_scope": out_of_scope,
         "disclaimer": DISCLAIMER,
+    }
+
+
+def out_of_scope_contract(gate: Optional[OodGate], measured: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The out-of-scope gate as the phone applies it, with the rates evaluation measured (None: no gate)."""
+    if gate is None:
+        return None
+    measured = measured or {}
+    sets = measured.get("sets") or {}
+    return {
+        "output": OUT_OF_SCOPE,
+        "threshold": gate.threshold,
+        "rule": "the image is out of scope (not a dermoscopic image of a lesion like the training images) when "
+                "the score is > threshold: then show no class, ask for a dermoscopic close-up of one lesion",
+        "method": "Mahalanobis distance of the pooled backbone features to the nearest class, "
+                  f"over the {gate.projection.shape[1]} lowest-variance directions of the train split",
+        "keep": gate.keep,
+        "val_rejected": measured.get("val_rejected"),
+        "test_rejected": measured.get("test_rejected"),
+        "auroc": {name: result.get("auroc") for name, result in sets.items()},
+        "fpr_at_95_tpr": {name: result.get("fpr_at_95_tpr") for name, result in sets.items()},
     }
 
 
@@ -183,7 +218,12 @@ def convert_tflite(
 
 
 def _float_nodes(saved_model: Path, layers: Sequence[str]) -> list[str]:
-    """The TFLite tensor names of the ops that ``layers`` (Keras layer names) became."""
+    """The TFLite tensor names of the ops that ``layers`` (Keras layer names) became.
+
+    A model output is named after the signature (``StatefulPartitionedCall:0``),
+    not the layer, so a layer's last op, when it is an output, stays int8:
+    TensorFlow's debugger refuses to leave a model output in float.
+    """
     if not layers:
         return []
     from ai_edge_litert.interpreter import Interpreter
@@ -250,6 +290,9 @@ def export_model(
     max_balanced_accuracy_drop: Optional[float] = None,
     min_decision_agreement: Optional[float] = None,
     referral: Optional[dict[str, Any]] = None,
+    gate: Optional[OodGate] = None,
+    out_of_scope: Optional[dict[str, Any]] = None,
+    outside_images: Optional[np.ndarray] = None,
     required: Optional[Sequence[str]] = None,
     temperature: Optional[float] = None,
     parity_images: Optional[np.ndarray] = None,
@@ -270,7 +313,10 @@ def export_model(
     (``dermascan.evaluation.parity``: top-1 agreement against
     ``min_agreement``, per kind or one bar; the balanced-accuracy difference
     against ``max_balanced_accuracy_drop``; the ``referral`` decision, from
-    metrics.json, against ``min_decision_agreement``; None skips a check). A
+    metrics.json, and the out-of-scope ``gate``'s in/out decision on the parity
+    images and ``outside_images``, against ``min_decision_agreement``; None
+    skips a check). With a ``gate`` the model gets its second output, and
+    labels.json the gate's threshold and ``out_of_scope``'s measured rates. A
     TFLite format that fails is not written. If it is one of ``required``
     (default: every format asked for), the export raises ExportError naming
     it, after everything else is written; otherwise it is dropped with a
@@ -279,14 +325,16 @@ def export_model(
     out_dir = Path(out_dir)
     _check_request(out_dir, tflite, representative)
     out_dir.mkdir(parents=True)
-    serving = inference_model(model, temperature)
+    serving = inference_model(model, temperature, gate)
     if parity_images is None or not len(parity_images):
         parity_images = np.random.default_rng(0).integers(0, 256, (16, image_size, image_size, 3), dtype=np.uint8)
         parity_labels = None
     parity = Parity(
         np.asarray(parity_images, np.uint8), parity_labels, latency_runs,
-        Gate(min_agreement, max_balanced_accuracy_drop, min_decision_agreement, bootstrap_resamples, seed),
+        Bars(min_agreement, max_balanced_accuracy_drop, min_decision_agreement, bootstrap_resamples, seed),
         referral if referral and "threshold" in referral else None,
+        gate.threshold if gate is not None else None,
+        None if outside_images is None else np.asarray(outside_images, np.uint8),
     )
     reference = parity.reference(serving)
     report = parity.report(reference)
@@ -311,7 +359,8 @@ def export_model(
 
     (out_dir / PARITY).write_text(json.dumps(report, indent=2))
     (out_dir / LABELS).write_text(json.dumps(
-        labels_json(image_size, resize_method, temperature, model_version, referral), indent=2
+        labels_json(image_size, resize_method, temperature, model_version, referral,
+                    out_of_scope_contract(gate, out_of_scope)), indent=2
     ))
     if card is not None:
         (out_dir / CARD).write_text(card.rstrip("\n") + "\n\n" + parity_markdown(report))
@@ -340,7 +389,7 @@ def _check_request(out_dir: Path, tflite: Sequence[str], representative: Optiona
 
 
 @dataclass(frozen=True)
-class Gate:
+class Bars:
     """The bars a format must clear (``dermascan.evaluation.parity``); None skips a check."""
 
     min_agreement: float | Mapping[str, float]
@@ -364,35 +413,58 @@ class Parity:
     images: np.ndarray  # uint8 [N, S, S, 3]
     labels: Optional[np.ndarray]  # class indices, or None (random pixels)
     latency_runs: int
-    gate: Gate
+    bars: Bars
     referral: Optional[dict[str, Any]]  # metrics.json's referral operating point
+    out_of_scope: Optional[float] = None  # the out-of-scope gate's threshold, when the model has the gate
+    outside: Optional[np.ndarray] = None  # out-of-scope images the gate's decision is also compared on
 
-    def reference(self, serving: keras.Model) -> np.ndarray:
-        return np.asarray(serving.predict(self.images.astype(np.float32), batch_size=32, verbose=0))
+    def run(self, predict: Any) -> Outputs:
+        """A format's outputs on the parity images, and its gate scores on the outside images after them."""
+        outputs = predict(self.images)
+        if self.out_of_scope is not None and self.outside is not None and len(self.outside):
+            outputs[OUT_OF_SCOPE] = np.concatenate([outputs[OUT_OF_SCOPE], predict(self.outside)[OUT_OF_SCOPE]])
+        return outputs
 
-    def report(self, reference: np.ndarray) -> dict[str, Any]:
+    def reference(self, serving: keras.Model) -> Outputs:
+        return self.run(lambda images: named_outputs(serving.predict(images.astype(np.float32), batch_size=32,
+                                                                     verbose=0)))
+
+    def report(self, reference: Outputs) -> dict[str, Any]:
         """parity.json, before any format is checked."""
-        gate = self.gate
+        bars = self.bars
         report: dict[str, Any] = {
             "n_images": int(len(self.images)),
             "source": "test split" if self.labels is not None else "random pixels (no test images given)",
-            "min_agreement": gate.min_agreement if isinstance(gate.min_agreement, (int, float))
-            else dict(gate.min_agreement),
-            "max_balanced_accuracy_drop": gate.max_balanced_accuracy_drop,
-            "min_decision_agreement": gate.min_decision_agreement,
-            "decisions": ["referral"] if self.referral else [],
+            "min_agreement": bars.min_agreement if isinstance(bars.min_agreement, (int, float))
+            else dict(bars.min_agreement),
+            "max_balanced_accuracy_drop": bars.max_balanced_accuracy_drop,
+            "min_decision_agreement": bars.min_decision_agreement,
+            "decisions": (["referral"] if self.referral else []) + (["out_of_scope"] if self.gated else []),
             "formats": {},
         }
+        if self.gated:
+            report["n_outside_images"] = 0 if self.outside is None else int(len(self.outside))
         if self.labels is not None:
-            report["keras_balanced_accuracy"] = classification_metrics(self.labels, reference)["balanced_accuracy"]
+            report["keras_balanced_accuracy"] = classification_metrics(
+                self.labels, reference[PROBABILITIES]
+            )["balanced_accuracy"]
         return report
 
-    def check(self, name: str, reference: np.ndarray, predict: Any) -> dict[str, Any]:
+    @property
+    def gated(self) -> bool:
+        return self.out_of_scope is not None
+
+    def check(self, name: str, reference: Outputs, predict: Any) -> dict[str, Any]:
         """The comparison with the reference, batch-1 latency, and why the gate refuses it (empty: kept)."""
-        result = compare(reference, predict(self.images), self.labels, self.referral,
-                         self.gate.bootstrap_resamples, self.gate.seed)
+        outputs = self.run(predict)
+        result = compare(reference[PROBABILITIES], outputs[PROBABILITIES], self.labels, self.referral,
+                         self.bars.bootstrap_resamples, self.bars.seed)
+        if self.gated:
+            result["out_of_scope_decision"] = gate_agreement(
+                reference[OUT_OF_SCOPE], outputs.get(OUT_OF_SCOPE), self.out_of_scope
+            )
         result["latency_ms"] = batch1_latency_ms(predict, self.images[0], self.latency_runs)
-        result["refused"] = self.gate.refusals(name, result)
+        result["refused"] = self.bars.refusals(name, result)
         return result
 
 
@@ -467,11 +539,20 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
     temperature = read_temperature(run_dir)
     if metrics is None:
         metrics = read_json(run_dir / METRICS)
+    gate = load_gate(run_dir / GATE_FILE)
+    outside = None
+    if gate is not None:
+        from dermascan.evaluation.ood import outside_images
+
+        outside = outside_images(image_size, run.cache)
+        if representative is not None:
+            representative = np.concatenate([representative, rejected_val_images(run, image_size)])
     version = f"{__version__}+{run_dir.name}"
     plain_cfg = OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True)
     log.info(
-        "exporting to %s: SavedModel, .keras, TFLite %s; parity on %d %s images",
-        out_dir, [str(kind) for kind in cfg.tflite], len(parity_images), cfg.parity_split,
+        "exporting to %s: SavedModel, .keras, TFLite %s%s; parity on %d %s images",
+        out_dir, [str(kind) for kind in cfg.tflite], "" if gate is None else ", with the out-of-scope gate",
+        len(parity_images), cfg.parity_split,
     )
     report = export_model(
         model, out_dir, image_size=image_size, tflite=[str(kind) for kind in cfg.tflite],
@@ -480,13 +561,37 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
         representative=representative, int8_float_ops=list(cfg.int8_float_ops),
         int8_float_layers=list(cfg.int8_float_layers), min_agreement=dict(cfg.min_agreement),
         max_balanced_accuracy_drop=cfg.max_balanced_accuracy_drop, min_decision_agreement=cfg.min_decision_agreement,
-        referral=metrics.get("referral"), required=required, latency_runs=cfg.latency_runs,
+        referral=metrics.get("referral"), gate=gate, out_of_scope=metrics.get("out_of_scope"), outside_images=outside,
+        required=required, latency_runs=cfg.latency_runs,
         bootstrap_resamples=cfg.bootstrap_resamples, seed=seed,
         model_version=version, card=model_card(plain_cfg, run.summary, metrics, version, temperature),
     )
     if cfg.coreml:
         write_coreml(out_dir, image_size)
     return report
+
+
+def rejected_val_images(run: Run, image_size: int) -> np.ndarray:
+    """The val lesions the out-of-scope gate rejects (evaluation's out_of_scope_scores.csv), as uint8 images.
+
+    int8_full quantizes its outputs with the range its calibration images
+    produce. Calibrated on train lesions alone, the gate's score was clipped
+    below its threshold, so int8_full rejected nothing (decision agreement
+    0.881 on an isic-dev model). These images score above the threshold, so
+    the quantized score reaches past it, and anything further out clips at a
+    value that is still rejected; and being lesions, they leave the other
+    activation ranges as they were (adding synthetic images instead cost the
+    demo's int8_full 3 of 72 top-1 answers).
+    """
+    path = run.run_dir / OUT_OF_SCOPE_SCORES
+    if not path.is_file():
+        return np.zeros((0, image_size, image_size, 3), np.uint8)
+    scores = pd.read_csv(path)
+    ids = set(scores.loc[(scores["set"] == "val") & scores["rejected"].astype(bool), "image"])
+    rows = run.manifest[run.manifest["image_id"].isin(ids)].reset_index(drop=True)
+    log.info("int8_full calibration: %d val image(s) the out-of-scope gate rejects, so its score is not clipped",
+             len(rows))
+    return load_images(rows, image_size, run.cache)
 
 
 def write_coreml(out_dir: Path, image_size: int) -> Path:

@@ -1,10 +1,14 @@
 """Run an exported model: the ``export/`` folder, in any of its formats.
 
     predict = load_predictor(export_dir, "tflite")          # or "savedmodel", "keras"
-    probabilities = predict(images)                          # uint8 or float [N, S, S, 3] -> [N, 8]
+    outputs = predict(images)                                # uint8 or float [N, S, S, 3] ->
+    outputs["probabilities"]                                 # [N, 8]
+    outputs.get("out_of_scope")                              # [N], when the export has the gate
 
 Every format takes raw RGB pixels (0-255) at the model's input size and
-returns softmax probabilities in the order of ``labels.json``; resizing is
+returns softmax probabilities in the order of ``labels.json`` and, for a
+model exported with its out-of-scope gate (``dermascan.modeling.ood``), the
+gate's score: the model's two named outputs. Resizing is
 the caller's job (``dermascan.serve`` and the input pipeline do it the same
 way). TFLite models run on ``ai_edge_litert``, the maintained successor of
 ``tf.lite.Interpreter``. A predictor is safe to call from several threads.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import functools
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -23,7 +27,23 @@ from dermascan.artifacts import KERAS_MODEL, SAVED_MODEL, tflite_name
 from dermascan.config import Runtime, TfliteKind
 from dermascan.errors import DermascanError
 
-Predictor = Callable[[np.ndarray], np.ndarray]
+Outputs = dict[str, np.ndarray]  # "probabilities" [N, 8], and "out_of_scope" [N] when the model has the gate
+Predictor = Callable[[np.ndarray], Outputs]
+PROBABILITIES = "probabilities"
+OUT_OF_SCOPE = "out_of_scope"
+
+
+def named_outputs(outputs: Any) -> Outputs:
+    """A model's outputs as float32 arrays by name: a dict of outputs as it is, a lone tensor as the probabilities.
+
+    A model exported before the gate existed has one unnamed output.
+    """
+    if isinstance(outputs, dict):
+        named = {str(name): np.asarray(value, np.float32) for name, value in outputs.items()}
+        if PROBABILITIES not in named:
+            raise RuntimeLoadError(f"the model's outputs {sorted(named)} hold no {PROBABILITIES!r}")
+        return named
+    return {PROBABILITIES: np.asarray(outputs, np.float32)}
 
 TFLITE_KINDS = tuple(TfliteKind)
 RUNTIMES = tuple(Runtime)
@@ -34,7 +54,11 @@ class RuntimeLoadError(DermascanError):
 
 
 def tflite_predictor(model: Path | bytes, num_threads: Optional[int] = None, batch_size: int = 32) -> Predictor:
-    """A predictor over a ``.tflite`` file (or its bytes); quantised inputs and outputs are handled."""
+    """A predictor over a ``.tflite`` file (or its bytes); quantised inputs and outputs are handled.
+
+    Outputs are found by their signature names (TFLite keeps no order between
+    a model's outputs); a model without a signature has one output, the probabilities.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
     if isinstance(model, bytes):
@@ -43,7 +67,14 @@ def tflite_predictor(model: Path | bytes, num_threads: Optional[int] = None, bat
         interpreter = Interpreter(model_path=str(model), num_threads=num_threads)
     interpreter.allocate_tensors()
     source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
+    signatures = interpreter.get_signature_list()
+    if signatures:
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        targets = {name: detail for name, detail in runner.get_output_details().items()}
+        if len(targets) == 1:
+            targets = {PROBABILITIES: next(iter(targets.values()))}
+    else:
+        targets = {PROBABILITIES: interpreter.get_output_details()[0]}
     lock = threading.Lock()
     shape = {"batch": int(source["shape"][0])}
 
@@ -56,25 +87,26 @@ def tflite_predictor(model: Path | bytes, num_threads: Optional[int] = None, bat
             return np.clip(quantised, info.min, info.max).astype(dtype)
         return images.astype(dtype)
 
-    def from_output(values: np.ndarray) -> np.ndarray:
+    def from_output(values: np.ndarray, target: dict) -> np.ndarray:
         scale, zero = target["quantization"]
         if np.issubdtype(values.dtype, np.integer) and scale:
             return (values.astype(np.float32) - zero) * scale
         return values.astype(np.float32)
 
-    def run(chunk: np.ndarray) -> np.ndarray:
+    def run(chunk: np.ndarray) -> Outputs:
         if chunk.shape[0] != shape["batch"]:
             interpreter.resize_tensor_input(source["index"], list(chunk.shape))
             interpreter.allocate_tensors()
             shape["batch"] = chunk.shape[0]
         interpreter.set_tensor(source["index"], to_input(chunk))
         interpreter.invoke()
-        return from_output(interpreter.get_tensor(target["index"]))
+        return {name: from_output(interpreter.get_tensor(target["index"]), target) for name, target in targets.items()}
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> Outputs:
         images = np.asarray(images)
         with lock:
-            return np.concatenate([run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+            chunks = [run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in targets}
 
     return predict
 
@@ -84,11 +116,11 @@ def savedmodel_predictor(path: Path) -> Predictor:
 
     loaded = tf.saved_model.load(str(path))
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> Outputs:
         images = np.asarray(images)
         if images.dtype == np.uint8:
-            return loaded.serve_uint8(tf.constant(images)).numpy()
-        return loaded.serve(tf.constant(images, tf.float32)).numpy()
+            return named_outputs(loaded.serve_uint8(tf.constant(images)))
+        return named_outputs(loaded.serve(tf.constant(images, tf.float32)))
 
     return predict
 
@@ -97,11 +129,12 @@ def keras_predictor(path: Path) -> Predictor:
     import keras
 
     import dermascan.modeling.color  # noqa: F401  registers ShadesOfGray, which a colour-normalising model.keras holds
+    import dermascan.modeling.ood  # noqa: F401  registers OutOfScopeScore, the gate's layer
 
     model = keras.models.load_model(path, compile=False)
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict_on_batch(np.asarray(images, np.float32)))
+    def predict(images: np.ndarray) -> Outputs:
+        return named_outputs(model.predict_on_batch(np.asarray(images, np.float32)))
 
     return predict
 

@@ -39,6 +39,8 @@ from dermascan.artifacts import (
     MANIFEST_SUMMARY,
     METRICS,
     MLFLOW_RUN_ID,
+    OUT_OF_SCOPE,
+    OUT_OF_SCOPE_SCORES,
     PLOTS,
     REPORT,
     SUMMARY,
@@ -251,9 +253,27 @@ def subgroup_metrics(subgroups: Optional[dict[str, Any]]) -> dict[str, float]:
     return flat
 
 
+def out_of_scope_metrics(out_of_scope: Optional[dict[str, Any]]) -> dict[str, float]:
+    """metrics.json's ``out_of_scope`` as flat MLflow metrics: ``out_of_scope_threshold``,
+    ``out_of_scope_test_rejected``, ``out_of_scope_skimage_auroc``, ``out_of_scope_synthetic_fpr_at_95_tpr``,
+    ``out_of_scope_corrupted_blur_rejected``, ... Nothing when the gate was skipped."""
+    if not out_of_scope or "threshold" not in out_of_scope:
+        return {}
+    scalars = ("threshold", "keep", "dims", "n_train", "n_val", "val_rejected",
+               f"{out_of_scope.get('in_distribution', 'test')}_rejected")
+    flat = {f"out_of_scope_{key}": float(out_of_scope[key]) for key in scalars if out_of_scope.get(key) is not None}
+    for group, prefix in (("sets", "out_of_scope_"), ("corrupted", "out_of_scope_corrupted_")):
+        for name, figures in (out_of_scope.get(group) or {}).items():
+            for key in ("n", "auroc", "fpr_at_95_tpr", "rejected"):
+                if figures.get(key) is not None:
+                    flat[f"{prefix}{metric_name(name)}_{key}"] = float(figures[key])
+    return flat
+
+
 def decision_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """The referral and subgroup metrics of an evaluation (metrics.json's content), flat, for MLflow."""
-    return {**referral_metrics(evaluation.get("referral")), **subgroup_metrics(evaluation.get("subgroups"))}
+    """The referral, subgroup and out-of-scope metrics of an evaluation (metrics.json's content), flat, for MLflow."""
+    return {**referral_metrics(evaluation.get("referral")), **subgroup_metrics(evaluation.get("subgroups")),
+            **out_of_scope_metrics(evaluation.get("out_of_scope"))}
 
 
 def log_finished_run(
@@ -262,7 +282,7 @@ def log_finished_run(
     """Log a finished training run dir to the active MLflow run; return the registered model version, if any.
 
     The final val and test metrics (``summary`` as train wrote it to
-    summary.json), the referral and subgroup metrics (from metrics.json), the config (and Hydra's), every result file, the plots,
+    summary.json), the referral, subgroup and out-of-scope metrics (from metrics.json), the config (and Hydra's), every result file, the plots,
     the export folder (when export is enabled), and ``served()``: the model
     as served, with the temperature folded in (built only when
     ``tracking.log_model``).
@@ -276,7 +296,7 @@ def log_finished_run(
     log_artifacts([run_dir / CONFIG], artifact_path="config")
     log_artifacts([run_dir / ".hydra"], artifact_path="config/hydra")
     files = (MANIFEST_SUMMARY, CLASS_WEIGHTS, HISTORY, METRICS, REPORT, CALIBRATION, SUMMARY, GROUND_TRUTH,
-             GROUND_TRUTH_2018)
+             GROUND_TRUTH_2018, OUT_OF_SCOPE, OUT_OF_SCOPE_SCORES)
     log_artifacts([run_dir / name for name in files] + sorted(run_dir.glob("predictions*.csv")))
     log_artifacts([run_dir / PLOTS], artifact_path=PLOTS)
     if cfg.export.enabled:

@@ -5,6 +5,7 @@
     worst_errors(a.table, 12)                             # the most confident mistakes
     breakdown(a.table, "site")                            # per-group n, balanced and top-1 accuracy
     referral_table(a.evaluation); subgroup_table(a.evaluation, "site")   # as evaluation scored them, with CIs
+    out_of_scope_table(a.evaluation); nearest_threshold(out_of_scope_scores(a), threshold, 8, a.split)
     heatmaps = grad_cam(a.model(), a.images(ids))         # [N, h, w] in [0, 1]
 
 ``a.table`` is the run's ``predictions.csv`` (the ``evaluate.split``, default
@@ -54,11 +55,12 @@ from dermascan.artifacts import (
     GROUND_TRUTH,
     METRICS,
     MLFLOW_RUN_ID,
+    OUT_OF_SCOPE_SCORES,
     PREDICTIONS,
 )
 from dermascan.classes import CODES, INDEX
 from dermascan.errors import DataError
-from dermascan.evaluation import scoring, subgroups
+from dermascan.evaluation import ood, scoring, subgroups
 from dermascan.evaluation.metrics import classification_metrics
 from dermascan.evaluation.referral import RATES
 from dermascan.rundir import Run, load_images, load_run
@@ -338,6 +340,66 @@ def subgroup_table(evaluation: dict[str, Any], dimension: Optional[str] = None) 
     if dimension is not None:
         table = table[table["dimension"] == dimension].drop(columns="dimension").set_index("group")
     return table
+
+
+def out_of_scope_table(evaluation: dict[str, Any]) -> pd.DataFrame:
+    """The out-of-scope gate's figures per set (metrics.json ``out_of_scope``), indexed by set: ``kind`` says
+    whether the set must be refused (``out of scope``) or is a bad photo of a real lesion (``corrupted lesion``).
+    Empty when the gate was skipped."""
+    gate = evaluation.get("out_of_scope") or {}
+    columns = ["kind", "n", "auroc", "fpr_at_95_tpr", "rejected"]
+    if "threshold" not in gate:
+        return pd.DataFrame(columns=columns)
+    rows = [{"set": name, "kind": kind, **{k: figures.get(k) for k in columns[1:]}}
+            for group, kind in (("sets", "out of scope"), ("corrupted", "corrupted lesion"))
+            for name, figures in gate[group].items()]
+    return _nones(pd.DataFrame(rows), ("auroc", "fpr_at_95_tpr", "rejected")).set_index("set")
+
+
+def out_of_scope_scores(analysis: Analysis) -> Optional[pd.DataFrame]:
+    """The run's ``out_of_scope_scores.csv`` (set, image, score, rejected); None when it has none."""
+    path = analysis.run.run_dir / OUT_OF_SCOPE_SCORES
+    return pd.read_csv(path, dtype={"set": str, "image": str}) if path.is_file() else None
+
+
+def score_sets(scores: pd.DataFrame, exclude: Sequence[str] = ("val",)) -> dict[str, np.ndarray]:
+    """The scores table as {set: scores}, in the table's order (val left out: the threshold's own split)."""
+    return {name: group["score"].to_numpy(float) for name, group in scores.groupby("set", sort=False)
+            if name not in exclude}
+
+
+def nearest_threshold(scores: pd.DataFrame, threshold: float, n: int, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(in-distribution, out-of-scope): the ``n`` images of ``split``, and the ``n`` of the other sets (val
+    aside), whose scores lie nearest the threshold, nearest first: where the gate is least sure."""
+    distance = (scores["score"] - threshold).abs()
+    ranked = scores.assign(distance=distance).sort_values(["distance", "set", "image"], kind="stable")
+    inside = ranked[ranked["set"] == split]
+    outside = ranked[~ranked["set"].isin([split, "val"])]
+    return (inside.head(max(int(n), 0)).reset_index(drop=True), outside.head(max(int(n), 0)).reset_index(drop=True))
+
+
+def out_of_scope_images(analysis: Analysis, rows: pd.DataFrame) -> list[np.ndarray]:
+    """The pixels the gate scored for rows of the scores table, rebuilt: the run's own images (and their
+    corruptions, ``ood.corrupt``), or the offline sets (``ood.skimage_images``, ``ood.synthetic_images``),
+    through the same resize as evaluation."""
+    cache = analysis.run.cache
+    sources = {"skimage": ood.skimage_images, "synthetic": lambda: ood.synthetic_images(ood.SYNTHETIC_SEED)}
+    found: dict[tuple[str, str], np.ndarray] = {}
+    for name, group in rows.groupby("set", sort=False):
+        ids = list(dict.fromkeys(group["image"]))
+        if name in sources:
+            images = sources[name]()
+            built = ood.as_evaluated({i: images[i] for i in ids}, analysis.image_size, cache).images
+        else:
+            built = analysis.images(ids)
+            if name in ood.CORRUPTIONS:
+                built = ood.corrupt(built, cache["method"])[name]
+        found.update({(name, i): image for i, image in zip(ids, built)})
+    return [found[(row["set"], row["image"])] for _, row in rows.iterrows()]
+
+
+def out_of_scope_caption(row: pd.Series) -> str:
+    return f"{row['set']}: {row['image']}\nscore {row['score']:.3f}, {'rejected' if row['rejected'] else 'kept'}"
 
 
 def _groups(table: pd.DataFrame, by: str) -> pd.Series:

@@ -121,6 +121,30 @@ def referral_card_section(metrics: Optional[dict[str, Any]]) -> list[str]:
     ]
 
 
+def out_of_scope_card_section(metrics: Optional[dict[str, Any]]) -> list[str]:
+    """The out-of-scope gate an app applies before showing any class, and its measured rates."""
+    gate = (metrics or {}).get("out_of_scope")
+    lines = ["## Out-of-scope gate", ""]
+    if not gate:
+        return []
+    if "skipped" in gate:
+        return lines + [f"None: {gate['skipped']}. The model answers every image, dermoscopic or not.", ""]
+    split = gate["in_distribution"]
+    rows = [f"| {name} | {r['n']} | {r['auroc']:.3f} | {r['fpr_at_95_tpr']:.3f} | {r['rejected']:.1%} |"
+            for name, r in {**gate["sets"], **gate["corrupted"]}.items() if r.get("auroc") is not None]
+    return lines + [
+        f"- Out of scope when the score is > {gate['threshold']:.4f} (in labels.json, the model's second output): "
+        f"then the app shows no class and asks for a dermoscopic close-up of one lesion. {gate['method']}.",
+        f"- Rejected in-distribution images: {gate['val_rejected']:.1%} of val (by construction), "
+        f"{gate[f'{split}_rejected']:.1%} of {split}.",
+        "",
+        "| set | n | AUROC | FPR at 95% TPR | rejected |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def model_card(
     cfg: dict[str, Any],
     summary: dict[str, Any],
@@ -143,6 +167,7 @@ def model_card(
         *data_section(summary, cfg),
         *metrics_section(metrics),
         *referral_card_section(metrics),
+        *out_of_scope_card_section(metrics),
         INTENDED_USE,
         LIMITS,
     ]

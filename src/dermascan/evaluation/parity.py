@@ -14,10 +14,12 @@ model and keeps a format only if it passes three checks:
    sample shows to be real. A point-estimate rule would decide on noise: on
    500 test images holding about ten of the rarest class, one flipped image
    of that class moves balanced accuracy by about 0.0125.
-3. **The decisions the app acts on**: the referral decision (score at or
-   above ``metrics.json``'s referral threshold) must agree on at least
-   ``export.min_decision_agreement`` of the images. Once the out-of-scope
-   gate exists, its decision belongs here too.
+3. **The decisions the app acts on** must agree on at least
+   ``export.min_decision_agreement`` of the images: the referral decision
+   (score at or above ``metrics.json``'s referral threshold) on the parity
+   images, and the out-of-scope gate's decision (score above its threshold)
+   on the parity images and on out-of-scope images, so that both answers
+   are exercised.
 """
 
 from __future__ import annotations
@@ -78,6 +80,19 @@ def decision_agreement(reference: np.ndarray, probabilities: np.ndarray, referra
             "referred_keras": int(before.sum()), "referred_format": int(after.sum())}
 
 
+def gate_agreement(reference: np.ndarray, scores: Optional[np.ndarray], threshold: float) -> dict[str, Any]:
+    """Share of images whose out-of-scope decision (score > threshold) is the same in both.
+
+    A format that lost the gate's output agrees on nothing.
+    """
+    before = np.asarray(reference) > threshold
+    if scores is None:
+        return {"agreement": 0.0, "threshold": threshold, "missing": "the format has no out_of_scope output"}
+    after = np.asarray(scores) > threshold
+    return {"agreement": float(np.mean(before == after)), "threshold": threshold, "n": int(len(before)),
+            "rejected_keras": int(before.sum()), "rejected_format": int(after.sum())}
+
+
 def compare(
     reference: np.ndarray,
     probabilities: np.ndarray,
@@ -116,17 +131,19 @@ def refusals(result: dict[str, Any], min_agreement: float, max_drop: float, min_
             f"balanced accuracy {difference['estimate']:+.4f} vs Keras (95% CI {difference['low']:+.4f} to "
             f"{difference['high']:+.4f}) lies wholly below -{max_drop}"
         )
-    decision = result.get("referral_decision")
-    if decision and decision["agreement"] < min_decision_agreement:
-        reasons.append(f"referral decision agreement {decision['agreement']:.4f} < {min_decision_agreement}")
+    for key, what in (("referral_decision", "referral"), ("out_of_scope_decision", "out-of-scope")):
+        decision = result.get(key)
+        if decision and decision["agreement"] < min_decision_agreement:
+            reasons.append(f"{what} decision agreement {decision['agreement']:.4f} < {min_decision_agreement}")
     return reasons
 
 
 def _row(name: str, result: dict[str, Any]) -> str:
     if "error" in result:
-        return f"| {name} | refused: {result['error']} | | | | |"
+        return f"| {name} | refused: {result['error']} | | | | | |"
     difference = result.get("balanced_accuracy_difference")
     decision = result.get("referral_decision")
+    gate = result.get("out_of_scope_decision")
     cells = [
         name,
         "kept" if result.get("kept", True) else "refused: " + "; ".join(result.get("refused", [])),
@@ -134,6 +151,7 @@ def _row(name: str, result: dict[str, Any]) -> str:
         f"{difference['estimate']:+.4f} ({difference['low']:+.4f} to {difference['high']:+.4f})"
         if difference and difference["low"] is not None else "n/a",
         f"{decision['agreement']:.4f}" if decision else "n/a",
+        f"{gate['agreement']:.4f}" if gate else "n/a",
         f"{result['size_vs_fp32']:.2f}" if "size_vs_fp32" in result else "",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -146,12 +164,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Every format ran on {report['n_images']} {report['source']} images. A format is kept when its top-1 "
         "agreement reaches its minimum, its balanced-accuracy CI does not lie wholly below "
-        f"-{report['max_balanced_accuracy_drop']}, and its referral decisions agree on at least "
+        f"-{report['max_balanced_accuracy_drop']}, and its referral and out-of-scope decisions agree on at least "
         f"{report['min_decision_agreement']} of the images.",
         "",
         "| format | status | top-1 agreement | balanced accuracy vs Keras (95% CI) | referral decision agreement "
-        "| size vs TFLite fp32 |",
-        "|---|---|---|---|---|---|",
+        "| out-of-scope decision agreement | size vs TFLite fp32 |",
+        "|---|---|---|---|---|---|---|",
     ]
     dropped = report.get("dropped") or []
     tail = ([""] + [f"**Dropped:** {name}: {why}" for name, why in dropped]) if dropped else []

@@ -230,6 +230,46 @@ def subgroups_plot(subgroups: Mapping[str, Any], path: PathLike) -> Path:
     return _save(_subgroup_figure(subgroups), path)
 
 
+# Out-of-scope gate ---------------------------------------------------------------
+
+
+def _out_of_scope_figure(scores: Mapping[str, Any], in_name: str, threshold: float, ncols: int = 3) -> Figure:
+    """One panel per out-of-scope set: its scores against ``scores[in_name]``'s, the gate's threshold marked.
+
+    Shared bins, and densities, so that 25 images and 900 compare.
+    """
+    inside = np.asarray(scores[in_name], dtype=float)
+    outside = {name: np.asarray(values, dtype=float) for name, values in scores.items() if name != in_name}
+    every = np.concatenate([inside, *outside.values(), [threshold]])
+    bins = np.linspace(0.0, float(every.max()) * 1.02 or 1.0, 41)
+    panels = max(len(outside), 1)
+    ncols = min(ncols, panels)
+    nrows = -(-panels // ncols)
+    with matplotlib.rc_context(STYLE):
+        fig = _figure((4.8 * ncols, 3.4 * nrows))
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, (name, values) in zip(axes, outside.items()):
+            ax.hist(inside, bins, density=True, color="tab:blue", alpha=0.45, label=f"{in_name} (in scope, n={len(inside)})")
+            ax.hist(values, bins, density=True, histtype="step", linewidth=2, color="tab:red",
+                    label=f"{name} (n={len(values)})")
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.3g}")
+            rejected = float((values > threshold).mean()) if len(values) else float("nan")
+            ax.set_title(f"{name}: {rejected:.0%} rejected")
+            ax.set_xlabel("out-of-scope score")
+            ax.set_ylabel("density")
+            ax.legend(fontsize=8, loc="upper right")
+        for ax in axes[len(outside):]:
+            ax.set_axis_off()
+        share = float((inside > threshold).mean()) if len(inside) else float("nan")
+        fig.suptitle(f"Out-of-scope score: {in_name} images ({share:.1%} rejected) against each out-of-scope set")
+    return fig
+
+
+def out_of_scope_histograms(scores: Mapping[str, Any], in_name: str, threshold: float, path: PathLike) -> Path:
+    """Histograms of the gate's score, the in-distribution split against each out-of-scope set, threshold marked."""
+    return _save(_out_of_scope_figure(scores, in_name, threshold), path)
+
+
 # Confusion matrix --------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from dermascan.artifacts import REFERRAL_ROC, SUBGROUPS_PLOT
+from dermascan.artifacts import OUT_OF_SCOPE_PLOT, REFERRAL_ROC, SUBGROUPS_PLOT
 from dermascan.classes import BY_CODE
 
 # The figures the reference project published, under the names it used.
@@ -128,6 +128,67 @@ def referral_section(referral: Optional[dict[str, Any]], split: str) -> list[str
     return lines
 
 
+def pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+#: What each out-of-scope set is, for the report's tables.
+OUT_OF_SCOPE_SETS = {
+    "skimage": "scikit-image's sample images: natural photos, retina fundus, histology, text, patterns",
+    "synthetic": "flat colours, noise, gradients, rendered text, app screenshots",
+    "blur": "test images, heavy Gaussian blur",
+    "rotated": "test images rotated 90° in a larger black canvas",
+    "overexposed": "test images, extreme over-exposure",
+    "underexposed": "test images, extreme under-exposure",
+}
+
+
+def _out_of_scope_rows(sets: dict[str, Any]) -> list[str]:
+    return [
+        f"| {name} | {OUT_OF_SCOPE_SETS.get(name, '')} | {r['n']} | {fmt(r['auroc'])} | {fmt(r['fpr_at_95_tpr'])} "
+        f"| {pct(r['rejected'])} |"
+        for name, r in sets.items()
+    ]
+
+
+def out_of_scope_section(gate: Optional[dict[str, Any]]) -> list[str]:
+    """The gate that refuses images that are not dermoscopic lesions: its rates, per out-of-scope set."""
+    if not gate:
+        return []
+    lines = ["## Out of scope: is this a dermoscopic image of a lesion at all?", ""]
+    if "skipped" in gate:
+        return lines + [f"No out-of-scope gate: {gate['skipped']}.", ""]
+    split = gate["in_distribution"]
+    inside = gate.get(f"{split}_rejected")
+    header = ["| set | what | images | AUROC | FPR at 95% TPR | rejected at the threshold |", "|---|---|---|---|---|---|"]
+    target = 1 - gate["keep"]
+    verdict = "n/a" if inside is None else "meets" if inside <= target else "above"
+    lines += [
+        f"**Out of scope when the score is above {gate['threshold']:.4f}**, the threshold that keeps "
+        f"{gate['keep']:.0%} of the val images in scope ({gate['n_val']} images; {pct(gate['val_rejected'])} "
+        f"rejected there). Method: {gate['method']}.",
+        "",
+        f"**{pct(inside)} of the {split} split's images are rejected** at that threshold ({verdict} the target of "
+        f"at most {target:.0%}: val's share, which the {split} split reproduces only up to sampling noise).",
+        "",
+        f"Against the {split} split as in scope: AUROC with out-of-scope as the positive class; FPR at 95% TPR, the "
+        f"share of a set scored in scope at the score that keeps 95% of the {split} images (lower is better); "
+        "rejected, the share above the gate's own threshold.",
+        "",
+        *header,
+        *_out_of_scope_rows(gate["sets"]),
+        "",
+        f"**Corrupted photos of real lesions.** {gate['corrupted_note']}",
+        "",
+        *header,
+        *_out_of_scope_rows(gate["corrupted"]),
+        "",
+        f"Histograms: `plots/{OUT_OF_SCOPE_PLOT}`.",
+        "",
+    ]
+    return lines
+
+
 def subgroup_section(subgroups: Optional[dict[str, Any]]) -> list[str]:
     """One table per dimension (age band, sex, site, collection), each metric with its 95% CI, and the flags."""
     if not subgroups or not subgroups.get("dimensions"):
@@ -188,6 +249,7 @@ def render_report(result: dict[str, Any]) -> str:
         "",
     ]
     lines += referral_section(result.get("referral"), split)
+    lines += out_of_scope_section(result.get("out_of_scope"))
     lines += training_section(result.get("training"))
     lines += [
         "## Overall",
@@ -232,5 +294,6 @@ def render_report(result: dict[str, Any]) -> str:
                   f"top-1 accuracy {fmt(v['top1_accuracy'])} ({v['n']} images).", ""]
     lines += ["## Confusion matrix (counts)", "", *confusion_table(m), "",
               "Plots: `plots/roc_curves.png`, `plots/confusion_matrix.png`, `plots/reliability.png`, "
-              f"`plots/training_curves.png`, `plots/{REFERRAL_ROC}`, `plots/{SUBGROUPS_PLOT}`.", ""]
+              f"`plots/training_curves.png`, `plots/{REFERRAL_ROC}`, `plots/{SUBGROUPS_PLOT}`"
+              + (f", `plots/{OUT_OF_SCOPE_PLOT}`." if "threshold" in (result.get("out_of_scope") or {}) else "."), ""]
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import keras
 
@@ -31,6 +31,9 @@ from dermascan.config import BackboneName
 from dermascan.errors import ConfigError, DermascanError
 from dermascan.modeling.augment import IDGAugmentation
 from dermascan.modeling.color import COLOR_CONSTANCY, ShadesOfGray
+
+if TYPE_CHECKING:
+    from dermascan.modeling.ood import Gate
 
 log = logging.getLogger("dermascan.modeling.model")
 
@@ -204,7 +207,7 @@ def freeze_head_bn(model: keras.Model) -> int:
     return frozen
 
 
-def inference_model(model: keras.Model, temperature: Optional[float] = None) -> keras.Model:
+def inference_model(model: keras.Model, temperature: Optional[float] = None, gate: Optional["Gate"] = None) -> keras.Model:
     """A copy of the model for serving: uncompiled, without training-only layers, with the temperature built in.
 
     softmax(z / T) is folded into the output layer by dividing its kernel and
@@ -213,6 +216,10 @@ def inference_model(model: keras.Model, temperature: Optional[float] = None) -> 
     normalises colour (loading that ``model.keras`` needs ``import
     dermascan.modeling.color``; the SavedModel and TFLite files need nothing). The
     argmax, and so the top-1 prediction, cannot change.
+
+    With a fitted ``gate`` (``dermascan.modeling.ood``) the model has two
+    named outputs, ``{"probabilities": [N, 8], "out_of_scope": [N]}``, the
+    second computed from the pooled features; without one, the probabilities alone.
     """
     inputs = model.inputs[0]
     if any(isinstance(layer, IDGAugmentation) for layer in model.layers):
@@ -228,4 +235,9 @@ def inference_model(model: keras.Model, temperature: Optional[float] = None) -> 
     if temperature is not None and temperature != 1.0:
         logits = copy.get_layer(LOGITS_LAYER)
         logits.set_weights([w / temperature for w in logits.get_weights()])
-    return copy
+    if gate is None:
+        return copy
+    from dermascan.modeling.ood import FEATURES_LAYER, OutOfScopeScore
+
+    score = OutOfScopeScore.of(gate)(copy.get_layer(FEATURES_LAYER).output)
+    return keras.Model(copy.inputs, {"probabilities": copy.outputs[0], "out_of_scope": score}, name=model.name)

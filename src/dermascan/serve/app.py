@@ -1,6 +1,6 @@
 """The FastAPI app: ``create_app(export_dir, runtime) -> FastAPI``.
 
-    POST /v1/predict   an image (multipart field ``file``, or a raw image/* body) -> referral decision, ranked classes
+    POST /v1/predict   an image (multipart field ``file``, or a raw image/* body) -> in scope?, referral decision, ranked classes
     GET  /health       200 when the model is loaded and its manifest verified, else 503
     GET  /v1/classes   the 8 classes: code, name, lay description, category
     GET  /v1/model     what is served: versions, input, runtime, model card, parity report
@@ -128,12 +128,23 @@ class Referral(BaseModel):
     val_specificity: Optional[float] = Field(description="val specificity of the decision at this threshold")
 
 
+class GateAnswer(BaseModel):
+    in_scope: bool
+    score: float = Field(description="the out-of-scope gate's score: distance from the training images")
+    threshold: float = Field(description="score > threshold: out of scope")
+
+
 class Prediction(BaseModel):
+    in_scope: bool = Field(description="false: not a dermoscopic image of one lesion like the training images; "
+                                       "show the message, not the predictions (always true without a gate)")
+    message: Optional[str] = Field(description="a lay message for an out-of-scope image; null in scope")
+    out_of_scope: Optional[GateAnswer] = Field(description="the gate's score and threshold; null when the model has none")
     referral: Optional[Referral] = Field(
-        description="should this lesion be looked at by a doctor; null when the model has no operating point"
+        description="should this lesion be looked at by a doctor; null out of scope or without an operating point"
     )
+    predictions_usable: bool = Field(description="false: the ranked probabilities are not to be used (out of scope)")
     predictions: list[ClassProbability] = Field(description="every class, most probable first")
-    top: TopClass
+    top: Optional[TopClass] = Field(description="the most probable class; null out of scope")
     disclaimer: str
     model_version: str
     version: str = Field(description="dermascan package version of the server")
@@ -465,12 +476,23 @@ async def predict(request: Request) -> dict:
                                max_pixels=limits.max_pixels, draft_factor=limits.draft_factor,
                                max_jpeg_scans=limits.max_jpeg_scans)
     prepared = await anyio.to_thread.run_sync(decode, limiter=limits.decoders)
-    probabilities = await run_in_threadpool(current.probabilities, prepared.pixels)
-    return prediction(current, prepared, probabilities, started)
+    outputs = await run_in_threadpool(current.outputs, prepared.pixels)
+    return prediction(current, prepared, outputs, started)
 
 
-def prediction(current: ServedModel, prepared: Any, probabilities: Any, started: float) -> dict:
-    """The /v1/predict response: every class ranked, the top one described, and how the image was read."""
+OUT_OF_SCOPE_MESSAGE = (
+    "This photo does not look like a dermoscopic close-up of a single skin lesion, so no result is given. "
+    "Take a close-up of one lesion with the dermoscope attachment, in focus and evenly lit, and try again."
+)
+
+
+def prediction(current: ServedModel, prepared: Any, outputs: dict, started: float) -> dict:
+    """The /v1/predict response: first whether the image is in scope, then the referral, every class ranked,
+    the top one described, and how the image was read. Out of scope: no top class and no referral, and the
+    ranked probabilities marked as not to be used."""
+    probabilities = outputs["probabilities"]
+    scope = current.scope_of(outputs.get("out_of_scope"))
+    in_scope = scope is None or scope["in_scope"]
     order = sorted(range(len(current.classes)), key=lambda i: (-float(probabilities[i]), i))
     ranked = [
         {"code": current.classes[i]["code"], "name": current.classes[i]["name"], "probability": float(probabilities[i])}
@@ -478,11 +500,16 @@ def prediction(current: ServedModel, prepared: Any, probabilities: Any, started:
     ]
     best = current.classes[order[0]]
     latency_ms = round(1000 * (time.perf_counter() - started), 3)
-    log.debug("predict: %s %.3f in %.1f ms", best["code"], ranked[0]["probability"], latency_ms)
+    log.debug("predict: %s %.3f%s in %.1f ms", best["code"], ranked[0]["probability"],
+              "" if in_scope else " (out of scope)", latency_ms)
     return {
-        "referral": current.referral_of(probabilities),
+        "in_scope": in_scope,
+        "message": None if in_scope else OUT_OF_SCOPE_MESSAGE,
+        "out_of_scope": scope,
+        "referral": current.referral_of(probabilities) if in_scope else None,
+        "predictions_usable": in_scope,
         "predictions": ranked,
-        "top": {**ranked[0], "category": best["category"], "description": best["description"]},
+        "top": {**ranked[0], "category": best["category"], "description": best["description"]} if in_scope else None,
         "disclaimer": current.disclaimer,
         "model_version": current.model_version,
         "version": __version__,

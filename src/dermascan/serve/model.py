@@ -35,7 +35,7 @@ class ServeError(DermascanError):
     """The service cannot serve this export folder."""
 
 
-def _classes(labels: dict, path: Path) -> list[dict]:
+def read_classes(labels: dict, path: Path) -> list[dict]:
     """``labels.json`` classes in index order; ServeError naming the file unless every class is a complete object."""
     classes = labels.get("classes")
     if (
@@ -66,7 +66,18 @@ def _referral(labels: dict, classes: list[dict], path: Path) -> dict | None:
     return referral
 
 
-def _input_size(labels: dict) -> int:
+def _gate(labels: dict, path: Path) -> dict | None:
+    """labels.json's out-of-scope gate, checked; None when the export has none."""
+    gate = labels.get("out_of_scope")
+    if gate is None:
+        return None
+    threshold = gate.get("threshold") if isinstance(gate, dict) else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+        raise ServeError(f"{path}: 'out_of_scope' needs a numeric 'threshold', got {repr(gate)[:160]}")
+    return gate
+
+
+def input_size(labels: dict) -> int:
     spec = labels.get("input") or {}
     if not isinstance(spec, dict):
         raise ServeError(f"labels.json input must be an object, got {spec!r}")
@@ -77,7 +88,7 @@ def _input_size(labels: dict) -> int:
     return int(size[0])
 
 
-def _resize_method(labels: dict) -> str:
+def resize_method(labels: dict) -> str:
     from dermascan.data.cache import METHODS
 
     resize = (labels.get("input") or {}).get("resize")
@@ -103,6 +114,7 @@ class ServedModel:
     classes: list[dict] = field(default_factory=list)
     parity: dict | None = None
     referral: dict | None = None  # labels.json's operating point
+    gate: dict | None = None  # labels.json's out-of-scope gate
 
     def referral_of(self, probabilities: np.ndarray) -> dict | None:
         """The referral decision for one image's probabilities, as labels.json defines it (the phone's rule too)."""
@@ -127,9 +139,20 @@ class ServedModel:
     def disclaimer(self) -> str:
         return str(self.labels.get("disclaimer") or DISCLAIMER)
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """One image's probabilities, in ``classes`` order."""
-        return np.asarray(self.predict(pixels[None]), np.float32)[0]
+    def outputs(self, pixels: np.ndarray) -> dict[str, Any]:
+        """One image's probabilities (in ``classes`` order) and, with the gate, its out-of-scope score."""
+        outputs = self.predict(pixels[None])
+        result = {"probabilities": np.asarray(outputs["probabilities"], np.float32)[0]}
+        if "out_of_scope" in outputs:
+            result["out_of_scope"] = float(outputs["out_of_scope"][0])
+        return result
+
+    def scope_of(self, score: float | None) -> dict | None:
+        """The out-of-scope gate's answer for one score, as labels.json defines it; None when there is no gate."""
+        if self.gate is None or score is None:
+            return None
+        threshold = float(self.gate["threshold"])
+        return {"in_scope": score <= threshold, "score": score, "threshold": threshold}
 
     def summary(self) -> dict:
         """``GET /v1/model``: what is served, and the model card's text and parity report if present."""
@@ -143,6 +166,7 @@ class ServedModel:
             "classes": [c["code"] for c in self.classes],
             "temperature": self.labels.get("temperature"),
             "referral": self.referral,
+            "out_of_scope": self.gate,
             "files_verified": self.files_verified,
             "card": card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None,
             "parity": self.parity,
@@ -157,14 +181,16 @@ def load_model(
     export_dir = Path(export_dir)
     files = verify_manifest(export_dir)
     labels = read_labels(export_dir)
-    classes = _classes(labels, export_dir / LABELS)
-    size, method = _input_size(labels), _resize_method(labels)
+    classes = read_classes(labels, export_dir / LABELS)
+    size, method = input_size(labels), resize_method(labels)
     referral = _referral(labels, classes, export_dir / LABELS)
+    gate = _gate(labels, export_dir / LABELS)
     # read once, now: a malformed parity.json is refused at start-up, not on every GET /v1/model
     parity = read_json_object(export_dir / PARITY) if (export_dir / PARITY).is_file() else None
     predict = load_predictor(export_dir, runtime, tflite=tflite, num_threads=num_threads)
     try:
-        probe = np.asarray(predict(np.zeros((1, size, size, 3), np.uint8)))
+        outputs = predict(np.zeros((1, size, size, 3), np.uint8))
+        probe = np.asarray(outputs["probabilities"])
     except Exception as err:
         raise RuntimeLoadError(f"the {runtime} model in {export_dir} failed its warm-up prediction: {err}") from err
     if probe.shape != (1, len(classes)) or not np.all(np.isfinite(probe)):
@@ -172,12 +198,17 @@ def load_model(
             f"the {runtime} model returns shape {probe.shape} (finite: {bool(np.all(np.isfinite(probe)))}), "
             f"but labels.json lists {len(classes)} classes"
         )
+    if (gate is not None) != ("out_of_scope" in outputs):
+        raise ServeError(
+            f"labels.json {'has' if gate is not None else 'has no'} out-of-scope gate but the {runtime} model "
+            f"{'lacks' if gate is not None else 'has'} its out_of_scope output: re-export the run"
+        )
     seconds = time.perf_counter() - started
     log.info(
         "loaded %s (%s%s, %d px, %s resize, %d files verified) in %.2f s",
         export_dir, runtime, f" {tflite}" if runtime == "tflite" else "", size, method, files, seconds,
     )
     return ServedModel(
-        export_dir, runtime, tflite, labels, predict, size, method, files, seconds, classes, parity, referral
+        export_dir, runtime, tflite, labels, predict, size, method, files, seconds, classes, parity, referral, gate
     )
 
