@@ -70,6 +70,7 @@ from dermascan.evaluation.metrics import classification_metrics
 from dermascan.evaluation.parity import compare, gate_agreement
 from dermascan.evaluation.parity import markdown as parity_markdown
 from dermascan.evaluation.parity import refusals as parity_refusals
+from dermascan.evaluation.referral import class_indices
 from dermascan.modeling.model import inference_model
 from dermascan.modeling.ood import Gate as OodGate
 from dermascan.modeling.ood import load_gate
@@ -150,7 +151,7 @@ def referral_contract(referral: Optional[dict[str, Any]]) -> Optional[dict[str, 
         return None
     return {
         "classes": list(referral["classes"]),
-        "indices": [INDEX[code] for code in referral["classes"]],
+        "indices": class_indices(referral["classes"]),
         "threshold": float(referral["threshold"]),
         "rule": "recommend seeing a doctor when the summed probability of these classes is >= threshold",
         "target_sensitivity": referral["target_sensitivity"],

@@ -28,8 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dermascan.evaluation.metrics import bootstrap_interval
-from dermascan.evaluation.referral import referral_score
+from dermascan.evaluation.metrics import bootstrap_interval, classification_metrics
+from dermascan.evaluation.referral import class_indices, referral_score
 
 LEVEL = 0.95
 
@@ -70,9 +70,7 @@ def balanced_accuracy_difference(
 
 def decision_agreement(reference: np.ndarray, probabilities: np.ndarray, referral: dict[str, Any]) -> dict[str, Any]:
     """Share of images whose referral decision (score >= threshold) is the same in both."""
-    from dermascan.classes import INDEX
-
-    indices = [INDEX[code] for code in referral["classes"]]
+    indices = class_indices(referral["classes"])
     threshold = float(referral["threshold"])
     before = referral_score(reference, indices) >= threshold
     after = referral_score(probabilities, indices) >= threshold
@@ -107,8 +105,6 @@ def compare(
         "max_abs_diff": float(np.max(np.abs(reference - probabilities))),
     }
     if labels is not None and len(labels):
-        from dermascan.evaluation.metrics import classification_metrics
-
         result["balanced_accuracy"] = classification_metrics(labels, probabilities)["balanced_accuracy"]
         result["balanced_accuracy_difference"] = balanced_accuracy_difference(
             labels, reference, probabilities, n_resamples, seed
