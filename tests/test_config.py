@@ -128,6 +128,8 @@ PRIMARY = [
     ("export_run", ["run_dir=/r"], "ExportRunConfig"),
     ("serve", ["export_dir=/e"], "ServeConfig"),
     ("predict", ["export_dir=/e", "images=/i", "out=/o.csv"], "PredictConfig"),
+    ("ensemble", ["run_dirs=[/a,/b]", "out_dir=/o"], "EnsembleConfig"),
+    ("sweep", ["sweep_dir=/s"], "SweepRunConfig"),
 ]
 
 

@@ -156,6 +156,45 @@ def test_grouped_split_is_seeded(real_ingest, real_layout, tmp_path):
     assert (assign_splits(manifest, cfg.data) != manifest["split"]).any()
 
 
+def test_kfold_splits_share_grouped_test_and_partition_the_rest_by_lesion(real_ingest, real_layout):
+    """On the real 26,985-image manifest: every fold has the grouped split's test images, the 5 val folds
+    are disjoint, cover train + val exactly once, keep each lesion in one fold, and are class-stratified."""
+    from dermascan.ingest import assign_splits
+
+    manifest = real_ingest.manifest
+    base = ["data=isic", f"data.root={real_layout}", "data.split=kfold", "data.folds=5"]
+    splits = [
+        assign_splits(manifest, compose_config("ingest", [*base, f"data.fold={k}"], IngestConfig).data)
+        for k in range(5)
+    ]
+    grouped_test = manifest["split"] == "test"
+    rest = manifest.loc[~grouped_test]
+    for split in splits:
+        assert ((split == "test") == grouped_test).all()
+        assert (split.groupby(manifest["lesion_id"]).nunique() == 1).all()
+    in_val = pd.concat([(split == "val")[~grouped_test] for split in splits], axis=1)
+    assert (in_val.sum(axis=1) == 1).all()  # each train+val image is val in exactly one fold
+    fold_of = in_val.to_numpy().argmax(axis=1)
+    assert (pd.Series(fold_of, index=rest.index).groupby(rest["lesion_id"]).nunique() == 1).all()
+    shares = pd.crosstab(rest["label"], fold_of, normalize="index")
+    assert (shares - 0.2).abs().max().max() < 0.02  # stratified: each class ~1/5 in each fold
+    assert (pd.crosstab(rest["label"], fold_of) > 0).all().all()
+    seven = compose_config("ingest", [*base, "data.fold=0", "data.seed=7"], IngestConfig).data
+    assert (assign_splits(manifest, seven) != splits[0]).any()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("data.folds=1", "data.folds must be >= 2"), ("data.fold=5", "data.fold must be in 0 .. 4"),
+     ("data.fold=-1", "data.fold must be in 0 .. 4")],
+)
+def test_kfold_settings_are_checked(override, message):
+    from dermascan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose_config("ingest", ["data=isic", "data.split=kfold", override], IngestConfig)
+
+
 @pytest.mark.integration
 def test_official_split_end_to_end(isic_csvs, sample_jpegs, tmp_path):
     releases = ["isic2018_train", "isic2018_val", "isic2018_test"]

@@ -104,8 +104,8 @@ def free_ports(n: int) -> list[int]:
 @pytest.mark.xfail(
     strict=True,
     reason="Keras 3.15 + TF 2.21: Model.fit under MultiWorkerMirroredStrategy with two workers fails converting "
-    "a PerReplica batch to a tensor (keras-team/keras#20585), so train.strategy=multi_worker refuses several "
-    "workers. When this test starts passing, lift that refusal in dermascan.train.select_strategy.",
+    "a PerReplica batch to a tensor (keras-team/keras#20585), which is why train.strategy has no multi_worker "
+    "option. When this test starts passing, multi-worker training can come back (README, 'Scaling out').",
 )
 def test_keras_fit_with_two_local_workers():
     ports = ",".join(str(p) for p in free_ports(2))

@@ -153,9 +153,9 @@ class Epochs(keras.callbacks.Callback):
         self.seen.append(epoch)
 
 
-# inside phase 2 (default run), and at the end of phase 1 (slow: the same code path, one more pair of runs)
+# inside phase 2 and at the end of phase 1 (slow: the default run resumes inside both phases in the k-fold test below)
 @pytest.mark.integration
-@pytest.mark.parametrize("k", [2, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("k", [pytest.param(2, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_at_the_next_epoch(tmp_path, k):
     cfg = debug_config(tmp_path, "train.phase1.epochs=2", "train.phase2.epochs=2")
     with pytest.raises(Interrupt):
@@ -171,6 +171,47 @@ def test_interrupted_run_resumes_at_the_next_epoch(tmp_path, k):
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     assert steps == [0, 1, 2, 3]
+
+
+@pytest.mark.integration
+def test_a_kfold_job_resumes_inside_each_phase_in_its_mlflow_run_and_is_not_redone(tmp_path, caplog):
+    """Interrupted in phase 1, then in phase 2: each start continues at the next epoch, with phase 2 numbered
+    after phase 1 (Keras keeps BackupAndRestore's resumed epoch on the model, see Fitting.fit)."""
+    from dermascan.ingest import assign_splits
+    from dermascan.train import already_finished
+
+    settings = ["data.split=kfold", "data.folds=3", "data.fold=1", "train.phase1.epochs=2", "train.phase2.epochs=2"]
+    cfg = debug_config(tmp_path, *settings)
+    tags = {"sweep": str(tmp_path / "sweep"), "sweep_job": "1"}
+    with pytest.raises(Interrupt):
+        train(cfg, callbacks=[StopAfter(0)], tags=tags)
+    resumed = Epochs()
+    with pytest.raises(Interrupt):
+        train(cfg, callbacks=[resumed, StopAfter(2)], tags=tags)
+    assert resumed.seen == [1, 2]
+    recorder = Epochs()
+    metrics, _ = train(cfg, callbacks=[recorder], tags=tags)
+    assert recorder.seen == [3] and metrics["epochs"] == {"phase1": 2, "phase2": 2}
+    run_dir = Path(cfg.run_dir)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2, 3] and list(history["phase"]) == [1, 1, 2, 2]
+    manifest = pd.read_csv(run_dir / "manifest.csv")
+    assert (manifest["split"] == assign_splits(manifest, cfg.data)).all()  # the run dir holds this fold's split
+    grouped = assign_splits(manifest, debug_config(tmp_path, "data.split=grouped").data)
+    assert ((manifest["split"] == "test") == (grouped == "test")).all()
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dermascan").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["sweep_job"] == "1"
+    assert run.data.params["data.split"] == "kfold" and run.data.params["data.fold"] == "1"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2, 3]
+    # Launched again (a resumed sweep), a finished job is not trained or evaluated again.
+    again = Epochs()
+    with caplog.at_level("INFO", logger="dermascan.train"):
+        summary, files = train(cfg, callbacks=[again], tags=tags)
+    assert again.seen == [] and "already finished" in caplog.text
+    assert summary["test"]["balanced_accuracy"] == metrics["test"]["balanced_accuracy"] and files["summary"].is_file()
+    # With another config, the same run dir is not "already finished".
+    assert already_finished(debug_config(tmp_path, *settings, "train.patience=3"), run_dir) is None
 
 
 class BackboneWatcher(keras.callbacks.Callback):
@@ -326,18 +367,11 @@ def test_config_typos_and_types_fail_at_start_up(tmp_path):
         compose_config("train", ["train.precision=half", f"run_dir={tmp_path}"], RunConfig)
 
 
-def test_multi_worker_needs_tf_config_and_is_refused_across_workers(monkeypatch, tmp_path):
+def test_multi_worker_was_removed_and_its_error_says_what_to_use_instead(tmp_path):
     from dermascan.errors import ConfigError
-    from dermascan.train import select_strategy
 
-    cfg = debug_config(tmp_path, "train.strategy=multi_worker")
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(ConfigError, match="TF_CONFIG"):
-        select_strategy(cfg.train)
-    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
-    with pytest.raises(ConfigError, match="keras-team/keras#20585"):
-        select_strategy(cfg.train)
+    with pytest.raises(ConfigError, match=r"train.strategy.*multi_worker was removed.*keras#20585.*Scaling out"):
+        debug_config(tmp_path, "train.strategy=multi_worker")
 
 
 def free_port() -> int:

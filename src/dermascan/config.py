@@ -133,6 +133,7 @@ class VerifyMode(StrEnum):
 class SplitPolicy(StrEnum):
     grouped = "grouped"
     official = "official"
+    kfold = "kfold"
 
 
 class ResizeMethod(StrEnum):
@@ -202,7 +203,6 @@ class Strategy(StrEnum):
     auto = "auto"
     none = "none"
     mirrored = "mirrored"
-    multi_worker = "multi_worker"
 
 
 class Split(StrEnum):
@@ -287,6 +287,8 @@ class DataConfig:
     split: SplitPolicy = MISSING
     val_fraction: float = MISSING
     test_fraction: float = MISSING
+    folds: int = MISSING  # kfold: how many folds train+val is cut into
+    fold: int = MISSING  # kfold: which fold is val (0 .. folds-1)
     seed: int = MISSING
     workers: int = MISSING
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -449,6 +451,34 @@ class ExportRunConfig:
 
 
 @dataclass
+class SweepRunConfig:
+    """``python -m dermascan.sweep sweep_dir=...`` (``configs/sweep.yaml``)."""
+
+    sweep_dir: str = MISSING
+    log_to_mlflow: bool = MISSING
+
+
+@dataclass
+class EnsembleConfig:
+    """``python -m dermascan.ensemble`` (``configs/ensemble.yaml``).
+
+    ``evaluate``, ``export`` and ``tracking`` are here so that their
+    overrides are checked; their values are the first member's, with the
+    command line's overrides over them (``ensemble_config``).
+    """
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_dirs: list[str] = MISSING
+    sweep_dir: Optional[str] = MISSING
+    out_dir: str = MISSING
+    log_to_mlflow: bool = MISSING
+    seed: Optional[int] = MISSING  # null: the first member's
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
 class EvaluateRunConfig:
     """``python -m dermascan.evaluate run_dir=...`` (or export_dir=... manifest=...) (``configs/evaluate_run.yaml``)."""
 
@@ -555,6 +585,13 @@ def _check_data(data: Any) -> None:
             "data.val_fraction=0 with data.split=grouped leaves no val split, and early stopping, the best "
             "checkpoint and the temperature all need one: set data.val_fraction > 0 (the default is 0.15)"
         )
+    if data.split == SplitPolicy.kfold:
+        if data.folds < 2:
+            raise ConfigError(f"data.folds must be >= 2 with data.split=kfold, got {data.folds}")
+        if not 0 <= data.fold < data.folds:
+            raise ConfigError(
+                f"data.fold must be in 0 .. {data.folds - 1} (data.folds={data.folds}), got {data.fold}"
+            )
     _check_seed("data.seed", data.seed)
     if not data.releases:
         raise ConfigError("data.releases is empty: name at least one release")
@@ -708,6 +745,16 @@ def _check_export(export: Any) -> None:
 CHECKS = {"evaluate": _check_evaluate, "export": _check_export, "data": _check_data, "augment": _check_augment, "train": _check_train, "model": _check_model}
 
 
+# Why a setting that existed is gone, added to the error of a config that still uses it.
+REMOVED = {
+    "train.strategy": (
+        ". (train.strategy=multi_worker was removed: Keras 3's Model.fit cannot train under "
+        "MultiWorkerMirroredStrategy across workers (keras-team/keras#20585). Use mirrored on one multi-GPU "
+        "node, and the Hydra launchers for many runs at once: README, 'Scaling out'.)"
+    ),
+}
+
+
 def validate(cfg: DictConfig, schema: type) -> DictConfig:
     """Return ``cfg`` merged onto ``schema``; raise ConfigError naming the bad key."""
     try:
@@ -716,7 +763,7 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         msg = str(err).splitlines()[0]
-        raise ConfigError(f"invalid config at '{key}': {msg}") from None
+        raise ConfigError(f"invalid config at '{key}': {msg}{REMOVED.get(key, '')}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(

@@ -92,7 +92,7 @@ from dermascan.evaluation.metrics import (
     reliability_bins,
     to_isic2018,
 )
-from dermascan.evaluation.out_of_scope import evaluate_out_of_scope
+from dermascan.evaluation.out_of_scope import GivenGate, evaluate_out_of_scope
 from dermascan.evaluation.referral import (
     class_indices,
     needs_referral,
@@ -219,6 +219,20 @@ def calibrated(p: np.ndarray, temperature: Optional[float]) -> np.ndarray:
     return p if temperature is None else apply_temperature(p, temperature)
 
 
+@dataclass(frozen=True)
+class ReferralVal:
+    """Held-out images to choose the referral threshold on, given from outside instead of the manifest's val.
+
+    For a model whose manifest has no val split that it never trained on:
+    an ensemble of k-fold members, where every image outside test trained
+    some member (``dermascan.ensemble``: out-of-fold probabilities).
+    """
+
+    rows: pd.DataFrame  # labelled manifest rows
+    probabilities: np.ndarray  # [N, 8]: the probabilities the threshold is chosen on, as they are
+    source: str  # which probabilities these are, in words (metrics.json ``referral.chosen_on``)
+
+
 def evaluate(
     model: keras.Model,
     manifest: pd.DataFrame,
@@ -231,6 +245,8 @@ def evaluate(
     temperature: Optional[float] = None,
     isic2018: bool = False,
     training: Optional[dict[str, Any]] = None,
+    referral_val: Optional[ReferralVal] = None,
+    gate: Optional[GivenGate] = None,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.split`` (and val), write every output into ``out_dir``; return metrics.json's content.
 
@@ -244,6 +260,9 @@ def evaluate(
     metrics.json and shown at the top of the report. With
     ``cfg.out_of_scope.enabled``, the out-of-scope gate is fitted and
     evaluated (``evaluate_out_of_scope``) and saved as ``out_dir/out_of_scope.npz``.
+    ``referral_val`` and ``gate``: the referral threshold's val images and an
+    already fitted gate, for a model whose manifest holds no val split it
+    never trained on (``dermascan.ensemble``); None: from the manifest's val.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,9 +270,10 @@ def evaluate(
     if predicted.fitted:
         (out_dir / CALIBRATION).write_text(json.dumps(predicted.calibration, indent=2))
     result = score_all(predicted, cfg, seed, isic2018, out_dir)
-    result["referral"], referral_scores = score_referral(predicted, cfg, seed)
+    result["referral"], referral_scores = score_referral(predicted, cfg, seed, referral_val)
     result["subgroups"] = score_subgroups(predicted, result["referral"], referral_scores, cfg, seed)
-    result["out_of_scope"] = evaluate_out_of_scope(model, manifest, predicted.rows, cfg, image_size, cache, seed, out_dir)
+    result["out_of_scope"] = evaluate_out_of_scope(model, manifest, predicted.rows, cfg, image_size, cache, seed, out_dir,
+                                                   given=gate)
     if training is not None:
         result["training"] = training
     write_plots(predicted, result, cfg, out_dir / PLOTS, referral_scores)
@@ -340,36 +360,43 @@ def probabilities_used(calibration: dict[str, Any], temperature: Optional[float]
     return "the model's own probabilities (no temperature applied here: scaling off, or an exported model with its own)"
 
 
-def score_referral(predicted: Predicted, cfg: Any, seed: int) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+def score_referral(
+    predicted: Predicted, cfg: Any, seed: int, referral_val: Optional[ReferralVal] = None
+) -> tuple[dict[str, Any], Optional[np.ndarray]]:
     """metrics.json's ``referral``, and the split's referral scores (None when skipped).
 
     The threshold is chosen on val and the decision evaluated on the split,
     both on the probabilities the exported model returns: one view, with
     val's temperature (``Predicted.temperature``), even when the headline
-    metrics use TTA. Skipped, with a warning and the reason, when the split
-    is val itself or val has no labelled image needing referral.
+    metrics use TTA. ``referral_val`` replaces val (see ``ReferralVal``).
+    Skipped, with a warning and the reason, when the split is val itself or
+    val has no labelled image needing referral.
     """
     codes = referral_codes(cfg.referral.classes)
     indices = class_indices(codes)
+    val_rows = predicted.val_rows if referral_val is None else referral_val.rows
     if cfg.split == "val":
         why = "the evaluated split is val, where the threshold is chosen; evaluate another split (evaluate.split=test)"
-    elif not len(predicted.val_rows):
+    elif not len(val_rows):
         why = "no val split with labelled images to choose the threshold on"
     else:
-        val_needs = needs_referral(predicted.val_rows["label"], codes)
+        val_needs = needs_referral(val_rows["label"], codes)
         why = None if val_needs.any() else (
             f"none of the {len(val_needs)} val images has a referral class ({', '.join(codes)}), "
             "so no threshold can be chosen for a sensitivity")
     if why is not None:
         log.warning("referral operating point skipped: %s", why)
         return {"skipped": why}, None
-    val_scores = referral_score(calibrated(predicted.val_plain, predicted.temperature), indices)
+    if referral_val is None:
+        val_scores = referral_score(calibrated(predicted.val_plain, predicted.temperature), indices)
+        used = probabilities_used(predicted.calibration, predicted.temperature)
+    else:
+        val_scores, used = referral_score(referral_val.probabilities, indices), referral_val.source
     scores = referral_score(calibrated(predicted.plain, predicted.temperature), indices)
     labelled = predicted.rows["label"].notna().to_numpy()
     result = operating_point(
         val_scores, val_needs, scores[labelled], needs_referral(predicted.rows.loc[labelled, "label"], codes), codes,
-        cfg.referral.target_sensitivity, probabilities_used(predicted.calibration, predicted.temperature),
-        cfg.bootstrap_resamples, seed, split=cfg.split,
+        cfg.referral.target_sensitivity, used, cfg.bootstrap_resamples, seed, split=cfg.split,
     )
     log.info("referral threshold %.4f (%s): %s", result["threshold"], result["chosen_on"], result["verdict"])
     return result, scores

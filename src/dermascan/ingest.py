@@ -35,7 +35,7 @@ from dermascan.data.isic import (
     read_metadata,
 )
 from dermascan.data.merge import merge_labels
-from dermascan.data.split import grouped_split
+from dermascan.data.split import grouped_split, kfold_split
 from dermascan.errors import DataError
 
 log = logging.getLogger("dermascan.ingest")
@@ -102,8 +102,10 @@ def _missing_message(root: Path, paths: list[str], releases: list[str]) -> str:
 
 
 def assign_splits(frame: pd.DataFrame, data: DictConfig) -> pd.Series:
-    """``data.split``: grouped (by lesion, stratified) or official (ISIC 2018 Test/Val)."""
+    """``data.split``: grouped (by lesion, stratified), official (ISIC 2018 Test/Val) or kfold (fold ``data.fold`` is val)."""
     val, test = data.val_fraction, data.test_fraction
+    if data.split == SplitPolicy.kfold:
+        return kfold_split(frame["label"], frame["lesion_id"], val, test, data.folds, data.fold, seed=data.seed)
     split = pd.Series(index=frame.index, dtype=object)
     rest = pd.Series(True, index=frame.index)
     fractions = {"train": 1.0 - val - test, "val": val, "test": test}

@@ -96,11 +96,15 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 
 @contextmanager
-def run(cfg: DictConfig, run_dir: Path, run_name: str, stage: str = "train", new: bool = False) -> Iterator[Optional[str]]:
+def run(
+    cfg: DictConfig, run_dir: Path, run_name: str, stage: str = "train", new: bool = False,
+    tags: Optional[dict[str, str]] = None,
+) -> Iterator[Optional[str]]:
     """Start (or, for a run dir that has one, reopen) the MLflow run; yield its id.
 
     Re-evaluation and re-export reopen the training's run; ``new=True``
     starts a separate run instead, tagged with ``stage`` and the run dir.
+    ``tags`` are set on the run, new or reopened (a sweep job's ``sweep`` folder and ``sweep_job``).
     """
     tracking = cfg.tracking
     if not tracking.enabled:
@@ -128,6 +132,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str, stage: str = "train", new
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i : i + 100]))
             mlflow.set_tags({"run_dir": str(run_dir.resolve()), "stage": stage})
+        if tags:
+            mlflow.set_tags(tags)
         log.info("MLflow run %s (%s) in experiment %r at %s", run_name, active.info.run_id, tracking.experiment, tracking.uri)
         yield active.info.run_id
 

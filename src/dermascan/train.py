@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +22,8 @@ import hydra
 import keras
 import pandas as pd
 import tensorflow as tf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dermascan import cli, tracking
@@ -33,8 +33,6 @@ from dermascan.artifacts import (
     CONFIG,
     EXPORT,
     HISTORY,
-    MANIFEST,
-    MANIFEST_SUMMARY,
     METRICS,
     PARITY,
     PLOTS,
@@ -46,8 +44,8 @@ from dermascan.artifacts import (
     read_json,
 )
 from dermascan.config import Engine, RunConfig, SplitPolicy, config_dir
+from dermascan.data import manifest as manifest_io
 from dermascan.data.cache import cached_paths
-from dermascan.errors import ConfigError
 from dermascan.evaluate import evaluate
 from dermascan.evaluation.parity import markdown as parity_markdown
 from dermascan.evaluation.plots import training_curves
@@ -76,26 +74,20 @@ log = logging.getLogger("dermascan.train")
 
 
 def select_strategy(train_cfg: DictConfig) -> tf.distribute.Strategy:
-    """``train.strategy``: auto (mirrored on several GPUs), none, mirrored, multi_worker."""
+    """``train.strategy``: auto (mirrored on several GPUs), none, mirrored.
+
+    There is no multi-worker option: Keras 3's ``Model.fit`` fails under
+    ``MultiWorkerMirroredStrategy`` across workers (keras-team/keras#20585,
+    pinned by a strict-xfail test), and this model is small enough that the
+    compute is in the number of runs, which the Hydra launchers spread over a
+    cluster (README, "Scaling out").
+    """
     name = train_cfg.strategy
     if name == "auto":
         name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
     if name == "none":
         return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices=list(train_cfg.devices) if train_cfg.devices else None)
-    if "TF_CONFIG" not in os.environ:
-        raise ConfigError("train.strategy=multi_worker needs the TF_CONFIG environment variable (see README)")
-    cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
-    if sum(len(tasks) for tasks in cluster.values()) > 1:
-        # Model.fit reduces its first batch across replicas eagerly, which a
-        # collective (multi-worker) strategy cannot do outside strategy.run.
-        raise ConfigError(
-            "train.strategy=multi_worker: Keras 3's Model.fit does not work with MultiWorkerMirroredStrategy "
-            "across several workers (keras-team/keras#20585, tensorflow/tensorflow#72388). Train on one "
-            "machine (mirrored) until that is fixed."
-        )
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MirroredStrategy(devices=list(train_cfg.devices) if train_cfg.devices else None)
 
 
 def select_precision(train_cfg: DictConfig) -> str:
@@ -141,15 +133,36 @@ def named_formats(overrides: Sequence[str], cfg: DictConfig) -> list[str]:
     return [str(kind) for kind in cfg.export.tflite] if named else []
 
 
+def already_finished(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
+    """summary.json of a run dir that finished with this very config, else None.
+
+    Re-launching a sweep with ``hydra.sweep.dir`` resumes its interrupted
+    jobs; the finished ones are not redone.
+    """
+    if not ((run_dir / SUMMARY).is_file() and (run_dir / CONFIG).is_file()):
+        return None
+    if OmegaConf.load(run_dir / CONFIG) != OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)):
+        return None
+    return read_json(run_dir / SUMMARY, None)
+
+
 def train(
-    cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (), required_formats: Sequence[str] = ()
+    cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (), required_formats: Sequence[str] = (),
+    tags: Optional[dict[str, str]] = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run the whole job on a validated config; return (summary, artifacts).
 
     ``required_formats``: the TFLite formats whose parity failure fails the run (see ``named_formats``).
+    ``tags``: MLflow tags for the run (a sweep job's). A run dir that already
+    finished with the same config is not trained again: its summary is returned.
     """
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
+    done = already_finished(cfg, run_dir)
+    if done is not None:
+        log.info("%s already finished with this config (summary.json): nothing to do. Delete its summary.json "
+                 "to evaluate and export it again, or use python -m dermascan.evaluate / export.", run_dir)
+        return done, {name: run_dir / path for name, path in RESULT_FILES.items() if (run_dir / path).exists()}
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / CONFIG, resolve=True)
     tracking.check_store(cfg.tracking)
@@ -164,7 +177,7 @@ def train(
         data = prepare_data(cfg, run_dir)
         pipelines = prepare_pipelines(cfg, data, strategy.num_replicas_in_sync, policy)
         model, base = prepare_model(cfg, strategy, pipelines.augment_in_model)
-        with tracking.run(cfg, run_dir, run_name(cfg, run_dir)) as run_id:
+        with tracking.run(cfg, run_dir, run_name(cfg, run_dir), tags=tags) as run_id:
             epoch_metrics = [tracking.EpochMetrics()] if run_id is not None else []
             fitting = Fitting(model, base, pipelines.inputs, cfg.train, run_dir, jit_compile=jit_compile(cfg.train),
                               freeze_bn=freeze_bn_of(cfg.model), callbacks=[*epoch_metrics, *callbacks])
@@ -215,8 +228,9 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> RunData:
     """Ingest, copy the manifest into the run dir (re-evaluation, export and the notebook read it), weigh the classes."""
     ingested = ingest(cfg)
     manifest = ingested.manifest
-    shutil.copyfile(ingested.manifest_path, run_dir / MANIFEST)
-    shutil.copyfile(ingested.summary_path, run_dir / MANIFEST_SUMMARY)
+    # Written from memory, not copied from data.processed_dir: concurrent jobs (the folds of a
+    # k-fold sweep) share that folder, and each run dir must hold its own split.
+    manifest_io.write(manifest, ingested.summary, run_dir)
     labelled = manifest["label"].notna()
     train_rows = manifest[(manifest["split"] == "train") & labelled]
     val_rows = manifest[(manifest["split"] == "val") & labelled]
@@ -333,13 +347,22 @@ def _evaluate_and_export(
     return summary, failure
 
 
+def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:
+    """A ``-m`` job's MLflow tags: its sweep folder and job number (the sweep summary nests the runs by them)."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    return {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()), "sweep_job": str(hydra_cfg.job.num)}
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = list(HydraConfig.get().overrides.task)
-    metrics, _ = cli.run(lambda c: train(c, required_formats=named_formats(overrides, c)), cfg, RunConfig)
-    return metrics[cfg.evaluate.split]["balanced_accuracy"]
+    """Returns the val balanced accuracy: what a Hydra sweeper (Optuna) maximises. Never the test split's."""
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    metrics, _ = cli.run(
+        lambda c: train(c, required_formats=named_formats(overrides, c), tags=sweep_tags(hydra_cfg)), cfg, RunConfig
+    )
+    return (metrics.get("val") or {}).get("balanced_accuracy")
 
 
 if __name__ == "__main__":

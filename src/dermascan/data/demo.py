@@ -14,6 +14,7 @@ Nothing here is medical data.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
@@ -235,11 +236,25 @@ def generate(root: Path, spec: DemoSpec) -> Path:
 
 
 def ensure(root: Path, spec: DemoSpec) -> Path:
-    """Generate the demo into ``root`` unless the same demo is already there."""
+    """Generate the demo into ``root`` unless the same demo is already there.
+
+    Concurrent jobs (a sweep on a parallel launcher) take turns on a lock
+    file beside ``root``: the first generates, the others find it done.
+    """
     marker = root / MARKER
     wanted = asdict(spec)
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and json.loads(marker.read_text()) == wanted:
+            return root
+        return _generate_into(root, spec, wanted)
+
+
+def _generate_into(root: Path, spec: DemoSpec, wanted: dict) -> Path:
+    marker = root / MARKER
     if root.exists() and any(root.iterdir()) and not marker.is_file():
         raise DataError(
             f"{root} holds files that are not a generated demo dataset; "

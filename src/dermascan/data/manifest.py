@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -102,10 +103,11 @@ def write(manifest: pd.DataFrame, summary: dict[str, Any], out_dir: Path) -> tup
     manifest_path, summary_path = out_dir / MANIFEST, out_dir / MANIFEST_SUMMARY
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = manifest_path.with_suffix(".csv.tmp")
+        # A temporary name of its own: concurrent jobs (a k-fold sweep) write the same files.
+        tmp = manifest_path.with_name(f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
         manifest[COLUMNS].to_csv(tmp, index=False)
         tmp.replace(manifest_path)
-        tmp = summary_path.with_suffix(".json.tmp")
+        tmp = summary_path.with_name(f".{MANIFEST_SUMMARY}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(summary_path)
     except OSError as err:

@@ -145,6 +145,14 @@ def out_of_scope_card_section(metrics: Optional[dict[str, Any]]) -> list[str]:
     ]
 
 
+def ensemble_lines(metrics: Optional[dict[str, Any]]) -> list[str]:
+    """One line for a model that is an ensemble (metrics.json's ``ensemble``, from ``dermascan.ensemble``)."""
+    ensemble = (metrics or {}).get("ensemble")
+    if not ensemble:
+        return []
+    return [f"- Ensemble: {ensemble['method']} Held-out data: {ensemble['val_rule']['text']}"]
+
+
 def model_card(
     cfg: dict[str, Any],
     summary: dict[str, Any],
@@ -160,6 +168,7 @@ def model_card(
         f"- dermascan version: {__version__}",
         f"- Architecture: {model.get('backbone', '?')} (alpha {model.get('alpha', '?')}, "
         f"weights {model.get('weights')!s}) with a dense head, {model.get('image_size', '?')} px input.",
+        *ensemble_lines(metrics),
         "- Input: raw RGB pixels 0-255, squashed (not cropped) to the input size; preprocessing is inside the model.",
         f"- Output: softmax probabilities over {classes}.",
         f"- Temperature scaling: {'T = ' + fmt(temperature) if temperature is not None else 'none'}.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,14 +66,14 @@ def split_and_corrupted_features(extractor: keras.Model, frame: pd.DataFrame, im
     return {name: np.concatenate(parts) for name, parts in found.items()}
 
 
-def out_of_scope_skip_reason(model: keras.Model, settings: Any, train_rows: pd.DataFrame,
+def out_of_scope_skip_reason(model: keras.Model, settings: Any, train_rows: Optional[pd.DataFrame],
                              val_rows: pd.DataFrame) -> Optional[str]:
-    """Why the gate cannot be fitted here (None: it can)."""
+    """Why the gate cannot be fitted here (None: it can). ``train_rows`` None: the gate is given, not fitted."""
     if not settings.enabled:
         return "evaluate.out_of_scope.enabled is false"
     if not has_features(model):
         return f"the model has no {FEATURES_LAYER!r} layer (pooled features) to fit the gate on"
-    if len(train_rows) < 2:
+    if train_rows is not None and len(train_rows) < 2:
         return f"the train split holds {len(train_rows)} image(s) with an 8-class label; the gate needs at least 2"
     if not len(val_rows):
         return "no val split with labelled images to choose the gate's threshold on"
@@ -91,6 +92,19 @@ def gate_method(gate: Gate) -> str:
 
 
 Scores = dict[str, tuple[list[str], np.ndarray]]  # set -> (image names, gate scores)
+
+
+@dataclass(frozen=True)
+class GivenGate:
+    """A gate fitted elsewhere, and the labelled rows its threshold was chosen on (scored again for the figures).
+
+    For a model whose manifest has no val split it never trained on: an
+    ensemble of k-fold members takes one member's own gate (``dermascan.ensemble``).
+    """
+
+    gate: Gate
+    val_rows: pd.DataFrame
+    source: str  # where the gate comes from, in words (metrics.json ``out_of_scope.fitted_on``)
 
 
 def fit_out_of_scope_gate(extractor: keras.Model, train_rows: pd.DataFrame, val_rows: pd.DataFrame, settings: Any,
@@ -145,7 +159,7 @@ def out_of_scope_figures(gate: Gate, scores: Scores, split: str) -> dict[str, An
 
 def evaluate_out_of_scope(
     model: keras.Model, manifest: pd.DataFrame, rows: pd.DataFrame, cfg: Any, image_size: int,
-    cache: dict[str, Any], seed: int, out_dir: Path,
+    cache: dict[str, Any], seed: int, out_dir: Path, given: Optional[GivenGate] = None,
 ) -> dict[str, Any]:
     """Fit the out-of-scope gate, save it, and score it against the offline sets: metrics.json's ``out_of_scope``.
 
@@ -156,20 +170,29 @@ def evaluate_out_of_scope(
     ``out_of_scope.npz``, ``out_of_scope_scores.csv`` and the histograms'
     plot. Skipped, with a warning and ``{"skipped": why}``, when disabled, when
     the model has no pooled-feature layer, or without train or val images.
+    ``given``: a gate already fitted (see ``GivenGate``), measured here as a fitted one is.
     """
     settings, split = cfg.out_of_scope, cfg.split
-    train_rows = evaluation_rows(manifest, "train")
-    train_rows = sample_rows(train_rows[train_rows["label"].notna()], settings.max_train_images, seed)
-    val_rows = evaluation_rows(manifest, "val")
-    val_rows = val_rows[val_rows["label"].notna()].reset_index(drop=True)
+    if given is None:
+        train_rows = evaluation_rows(manifest, "train")
+        train_rows = sample_rows(train_rows[train_rows["label"].notna()], settings.max_train_images, seed)
+        val_rows = evaluation_rows(manifest, "val")
+        val_rows = val_rows[val_rows["label"].notna()].reset_index(drop=True)
+    else:
+        train_rows, val_rows = None, given.val_rows.reset_index(drop=True)
     why = out_of_scope_skip_reason(model, settings, train_rows, val_rows)
     if why is not None:
         log.warning("out-of-scope gate skipped: %s", why)
         return {"skipped": why}
     started = time.perf_counter()
     extractor = features_model(model)
-    gate, val_scores = fit_out_of_scope_gate(extractor, train_rows, val_rows, settings, image_size, cfg.batch_size,
-                                             cache)
+    if given is None:
+        gate, val_scores = fit_out_of_scope_gate(extractor, train_rows, val_rows, settings, image_size,
+                                                 cfg.batch_size, cache)
+    else:
+        gate = given.gate
+        val_scores = gate.score(pooled_features(extractor, val_rows, image_size, cfg.batch_size, cache))
+        log.info("out-of-scope gate: %s (threshold %.4f)", given.source, gate.threshold)
     gate.save(out_dir / OUT_OF_SCOPE)
     scores = {"val": (list(val_rows["image_id"]), val_scores),
               **score_out_of_scope_sets(extractor, gate, rows, split, image_size, cfg.batch_size, cache)}
@@ -177,6 +200,8 @@ def evaluate_out_of_scope(
     plots.out_of_scope_histograms({name: values for name, (_, values) in scores.items() if name != "val"},
                                   split, gate.threshold, out_dir / PLOTS / OUT_OF_SCOPE_PLOT)
     result = out_of_scope_figures(gate, scores, split)
+    if given is not None:
+        result["fitted_on"] = given.source
     if split == "val":
         log.warning("out-of-scope gate: the evaluated split is val, where the threshold is chosen, so its rejection "
                     "rate is not an honest estimate: evaluate evaluate.split=test")

@@ -219,6 +219,10 @@ class Fitting:
 
     def fit(self, phase: int, initial_epoch: int, epochs: int, checkpoint: keras.callbacks.ModelCheckpoint) -> int:
         """One phase's ``fit``; returns the epochs the phase has run in all (resumes included)."""
+        # BackupAndRestore resumes by setting model._initial_epoch, which Keras
+        # (3.15) never clears and fit prefers to its own initial_epoch: a run
+        # resumed inside phase 1 would start phase 2 at phase 1's resumed epoch.
+        self.model._initial_epoch = None
         self.model.fit(
             self.inputs.train,
             validation_data=self.inputs.val,
