@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -372,39 +370,6 @@ def test_multi_worker_was_removed_and_its_error_says_what_to_use_instead(tmp_pat
 
     with pytest.raises(ConfigError, match=r"train.strategy.*multi_worker was removed.*keras#20585.*Scaling out"):
         debug_config(tmp_path, "train.strategy=multi_worker")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    import requests
-
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if requests.get(uri + "/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start within 90 s")
-    yield uri
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
 
 
 def test_debug_run_logs_to_a_real_mlflow_server_and_registers_the_model(tmp_path, mlflow_server):

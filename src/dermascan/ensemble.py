@@ -68,7 +68,6 @@ from dermascan.artifacts import (
     METRICS,
     MLFLOW_RUN_ID,
     OUT_OF_SCOPE,
-    PARITY,
     REPORT,
     SUMMARY,
     read_json,
@@ -89,7 +88,7 @@ from dermascan.evaluation.metrics import classification_metrics
 from dermascan.evaluation.out_of_scope import GivenGate
 from dermascan.evaluation.parity import markdown as parity_markdown
 from dermascan.evaluation.report import fmt, render_report
-from dermascan.export import ExportError, export_run
+from dermascan.export import ExportError, export_keeping_parity
 from dermascan.modeling.fit import load_keras
 from dermascan.modeling.model import LOGITS_LAYER, inference_model
 from dermascan.modeling.ood import FEATURES_LAYER, GATE_LAYER, Gate, load_gate
@@ -632,12 +631,8 @@ def _evaluate_and_export(
                     "pass export.enabled=true, or run python -m dermascan.export run_dir=%s", out_dir)
     else:
         log.info("exporting the ensemble to %s ...", out_dir / EXPORT)
-        try:
-            parity = export_run(Run(out_dir, run_cfg, splits.manifest), best, run_cfg.export, metrics=result,
-                                required=required)
-        except ExportError as err:
-            failure = err
-            parity = read_json(out_dir / EXPORT / PARITY, None)
+        parity, failure = export_keeping_parity(Run(out_dir, run_cfg, splits.manifest), best, run_cfg.export, result,
+                                                required)
         if parity is not None:
             report += "\n" + parity_markdown(parity)
             tracking.log_export(parity)

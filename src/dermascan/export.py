@@ -572,6 +572,17 @@ def export_run(run: Run, model: keras.Model, cfg: DictConfig, out_dir: Optional[
     return report
 
 
+def export_keeping_parity(run: Run, model: keras.Model, cfg: DictConfig, metrics: dict[str, Any],
+                          required: Sequence[str]) -> tuple[Optional[dict[str, Any]], Optional[ExportError]]:
+    """``export_run`` into ``<run_dir>/export`` for a stage that logs before it fails (train, ensemble):
+    (parity.json's content or None, the ExportError or None). A failed export is returned, not raised,
+    with the parity.json it wrote, so that the caller can still report and log it."""
+    try:
+        return export_run(run, model, cfg, metrics=metrics, required=required), None
+    except ExportError as err:
+        return read_json(run.run_dir / EXPORT / PARITY, None), err
+
+
 def rejected_val_images(run: Run, image_size: int) -> np.ndarray:
     """The val lesions the out-of-scope gate rejects (evaluation's out_of_scope_scores.csv), as uint8 images.
 

@@ -34,7 +34,6 @@ from dermascan.artifacts import (
     EXPORT,
     HISTORY,
     METRICS,
-    PARITY,
     PLOTS,
     PREDICTIONS,
     REPORT,
@@ -49,7 +48,7 @@ from dermascan.data.cache import cached_paths
 from dermascan.evaluate import evaluate
 from dermascan.evaluation.parity import markdown as parity_markdown
 from dermascan.evaluation.plots import training_curves
-from dermascan.export import ExportError, export_run
+from dermascan.export import ExportError, export_keeping_parity
 from dermascan.ingest import ingest
 from dermascan.modeling.augment import AugmentParams, IDGAugmentation, resolve_device
 from dermascan.modeling.class_weights import (
@@ -318,12 +317,8 @@ def _evaluate_and_export(
     )
     failure, parity = None, None
     if cfg.export.enabled:
-        try:
-            parity = export_run(Run(run_dir, cfg, data.manifest), best, cfg.export, metrics=evaluation,
-                                required=required_formats)
-        except ExportError as err:
-            failure = err
-            parity = read_json(run_dir / EXPORT / PARITY, None)
+        parity, failure = export_keeping_parity(Run(run_dir, cfg, data.manifest), best, cfg.export, evaluation,
+                                                required_formats)
         if parity is not None:
             with (run_dir / REPORT).open("a") as report:
                 report.write("\n" + parity_markdown(parity))
