@@ -8,7 +8,12 @@ import pandas as pd
 import pytest
 
 from dermascan.config import RunConfig
-from dermascan.modeling.fit import LargestClassShare, compile_model, review_phases
+from dermascan.modeling.fit import (
+    LargestClassShare,
+    LogitAdjustedCrossentropy,
+    compile_model,
+    review_phases,
+)
 from dermascan.modeling.model import build_model, freeze_head_bn, unfreeze
 
 from .conftest import compose_config, model_config
@@ -150,3 +155,63 @@ def test_phase2_alone_averages_and_the_average_is_swapped_in_before_early_stoppi
         else:
             swap = kinds.index("SwapEMAWeights")
             assert kinds.index("BackupAndRestore") < swap < kinds.index("EarlyStopping") < kinds.index("ModelCheckpoint")
+
+
+def test_the_run_compiles_the_logit_adjusted_loss_only_when_asked():
+    from dermascan.config import RunConfig
+
+    prior = (0.5, 0.5, 0, 0, 0, 0, 0, 0)
+    for overrides, expected in (([], keras.losses.CategoricalCrossentropy), (
+        ["train.logit_adjustment=0.7", "train.class_weight=none"], LogitAdjustedCrossentropy,
+    )):
+        train_cfg = compose_config("train", ["run_dir=/tmp/x", *overrides], RunConfig).train
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="softmax")])
+        compile_model(model, 1e-3, train_cfg, False, prior=prior)
+        assert type(model.loss) is expected
+    assert model.loss.tau == 0.7 and model.loss.prior == list(prior)
+
+
+def test_keras_crossentropy_from_logits_is_crossentropy_of_their_softmax():
+    # LogitAdjustedCrossentropy relies on this: Keras' from_logits loss equals
+    # the probability loss on softmax(logits), label smoothing included.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 8)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 8, 6), 8)
+    for smoothing in (0.0, 0.1):
+        on_logits = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)(y, logits)
+        on_probs = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)(y, keras.ops.softmax(logits))
+        np.testing.assert_allclose(float(on_logits), float(on_probs), rtol=1e-5)
+
+
+def test_logit_adjusted_loss_leaves_a_balanced_model_where_plain_crossentropy_learns_the_prior():
+    # No feature tells the classes apart: the best plain cross-entropy can do is
+    # predict the training prior (NV 70%); the logit-adjusted loss (tau 1)
+    # leaves the model's own output at equal classes (the balanced posterior),
+    # and it survives a save and load of the compiled model.
+    prior = np.array([0.02, 0.05, 0.1, 0.02, 0.08, 0.7, 0.02, 0.01])
+    y = keras.utils.to_categorical(np.random.default_rng(1).choice(8, size=4000, p=prior), 8)
+    x = np.ones((len(y), 1), "float32")
+
+    def fitted(loss: keras.losses.Loss) -> tuple[np.ndarray, keras.Model]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="softmax")])
+        model.compile(keras.optimizers.Adam(0.05), loss=loss)
+        model.fit(x, y, batch_size=200, epochs=30, verbose=0)
+        return model.predict(x[:1], verbose=0)[0], model
+
+    seen = y.mean(axis=0)
+    plain, _ = fitted(keras.losses.CategoricalCrossentropy())
+    np.testing.assert_allclose(plain, seen, atol=0.02)
+    adjusted, model = fitted(LogitAdjustedCrossentropy(seen, tau=1.0))
+    np.testing.assert_allclose(adjusted, 1 / 8, atol=0.02)
+    half, _ = fitted(LogitAdjustedCrossentropy(seen, tau=0.5))  # half way: ∝ sqrt(prior)
+    np.testing.assert_allclose(half, np.sqrt(seen) / np.sqrt(seen).sum(), atol=0.02)
+
+    no_adjustment = LogitAdjustedCrossentropy(seen, tau=0.0, label_smoothing=0.1)
+    np.testing.assert_allclose(
+        float(no_adjustment(y[:50], plain[None].repeat(50, 0))),
+        float(keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(y[:50], plain[None].repeat(50, 0))),
+        rtol=1e-5,
+    )
+    restored = LogitAdjustedCrossentropy.from_config(model.loss.get_config())
+    assert restored.prior == pytest.approx(list(seen)) and restored.tau == 1.0

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from dermascan.classes import CODES
 from dermascan.config import IngestConfig
@@ -14,7 +15,14 @@ from dermascan.data.cache import build_cache, cache_folder
 from dermascan.errors import DataError
 from dermascan.ingest import ingest
 from dermascan.modeling.augment import AugmentParams
-from dermascan.modeling.inputs import PipelineSpec, iterate, make_inputs
+from dermascan.modeling.inputs import (
+    PipelineSpec,
+    iterate,
+    make_inputs,
+    mixup,
+    sampling_prior,
+    training_prior,
+)
 
 from .conftest import compose_config
 
@@ -131,8 +139,8 @@ def test_balanced_sampler_draws_every_class_equally_from_an_imbalanced_split(man
     imbalanced = pd.concat([train[train["label"] == "NV"], train[train["label"] != "NV"].groupby("label").head(2)])
     assert (imbalanced["label"] == "NV").mean() > 0.5
 
-    def class_shares(sampler: str) -> np.ndarray:
-        spec = PipelineSpec(image_size=64, batch_size=32, sampler=sampler, seed=3)
+    def class_shares(sampler: str, power: float = 0.0) -> np.ndarray:
+        spec = PipelineSpec(image_size=64, batch_size=32, sampler=sampler, sampler_power=power, seed=3)
         data = make_inputs(imbalanced, spec, AugmentParams(), training=True, cache=cache_settings(tmp_path, 64))
         labels = np.concatenate([np.asarray(y) for _, y in data.take(25)])  # 800 draws
         return labels.sum(axis=0) / len(labels)
@@ -140,6 +148,21 @@ def test_balanced_sampler_draws_every_class_equally_from_an_imbalanced_split(man
     balanced = class_shares("balanced")
     assert np.all(np.abs(balanced - 1 / 8) < 0.05), balanced
     assert class_shares("shuffle")[CODES.index("NV")] > 0.5
+    # Square-root sampling: NV (its count n) against 2 of each other class.
+    n = int((imbalanced["label"] == "NV").sum())
+    expected = np.sqrt(n) / (np.sqrt(n) + 7 * np.sqrt(2))
+    assert abs(class_shares("balanced", power=0.5)[CODES.index("NV")] - expected) < 0.06
+
+
+def test_sampling_prior_is_proportional_to_a_power_of_the_counts():
+    indices = np.array([0] * 9 + [1] * 4 + [5] * 1)  # classes 2-4, 6, 7 absent
+    np.testing.assert_allclose(sampling_prior(indices, 0.0), [1 / 3, 1 / 3, 0, 0, 0, 1 / 3, 0, 0])
+    np.testing.assert_allclose(sampling_prior(indices, 0.5), np.array([3, 2, 0, 0, 0, 1, 0, 0]) / 6)
+    np.testing.assert_allclose(sampling_prior(indices, 1.0), np.array([9, 4, 0, 0, 0, 1, 0, 0]) / 14)
+    labels = [CODES[i] for i in indices]
+    np.testing.assert_allclose(training_prior(labels, PipelineSpec()), sampling_prior(indices, 1.0))  # shuffle
+    balanced = PipelineSpec(sampler="balanced", sampler_power=0.5)
+    np.testing.assert_allclose(training_prior(labels, balanced), sampling_prior(indices, 0.5))
 
 
 def test_balanced_sampler_needs_the_fast_engine(manifest, tmp_path):
@@ -149,3 +172,27 @@ def test_balanced_sampler_needs_the_fast_engine(manifest, tmp_path):
     with pytest.raises(ConfigError, match="train.sampler=balanced needs augment.engine=fast"):
         make_inputs(manifest[manifest["split"] == "train"], spec, AugmentParams(), training=True,
                     cache=cache_settings(tmp_path, 64))
+
+
+def test_mixup_blends_each_image_with_its_mirror_and_the_labels_by_the_same_weight():
+    images = tf.constant(np.arange(6, dtype="float32")[:, None, None, None] * np.ones((6, 4, 4, 3), "float32"))
+    labels = tf.one_hot([0, 1, 2, 3, 4, 5], 8)
+    mixed, soft = mixup(images, labels, 0.4, tf.constant([3, 4], tf.int64))
+    mixed, soft = mixed.numpy(), soft.numpy()
+    weight = soft[np.arange(6), np.arange(6)]  # the share of each image's own label
+    assert np.all(weight >= 0.5) and np.all(weight <= 1.0) and weight.std() > 0.01
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(soft[np.arange(6), 5 - np.arange(6)], 1 - weight, rtol=1e-5, atol=1e-6)
+    expected = weight * np.arange(6) + (1 - weight) * np.arange(6)[::-1]
+    np.testing.assert_allclose(mixed[:, 0, 0, 0], expected, rtol=1e-5)
+    np.testing.assert_allclose(mixed.std(axis=(1, 2, 3)), 0.0, atol=1e-5)  # a blend of two constant images
+
+
+def test_mixup_runs_on_train_batches_only(manifest, tmp_path):
+    spec = PipelineSpec(image_size=64, batch_size=16, mixup_alpha=0.4, seed=3)
+    rows = manifest[manifest["split"] == "train"]
+    settings = cache_settings(tmp_path, 64)
+    _, train_labels = next(iter(make_inputs(rows, spec, AugmentParams(), training=True, cache=settings)))
+    _, val_labels = next(iter(make_inputs(rows, spec, AugmentParams(), training=False, cache=settings)))
+    assert np.asarray(train_labels).max(axis=1).min() < 1.0  # soft labels
+    np.testing.assert_array_equal(np.asarray(val_labels).max(axis=1), 1.0)

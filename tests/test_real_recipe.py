@@ -72,7 +72,7 @@ def test_the_old_phase_2_collapses_and_the_review_says_so(tmp_path, data_dir):
     """The recipe before issue 11 (head BatchNorm training, class weights, no colour constancy): the guard must fire."""
     metrics, history, report = short_real_run(
         tmp_path, data_dir, "train.phase2.freeze_head_bn=false", "train.sampler=shuffle", "train.class_weight=balanced",
-        "model.color_constancy=none",
+        "model.color_constancy=none", "train.mixup_alpha=0",
     )
     assert history[history["phase"] == 2]["val_largest_class_share"].max() >= 0.95, history.to_string()
     warnings = metrics["training"]["warnings"]

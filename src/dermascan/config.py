@@ -342,8 +342,11 @@ class TrainConfig:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     label_smoothing: float = MISSING
+    logit_adjustment: float = MISSING  # tau: the loss adds tau * log(training class prior) to the logits; 0: off
     class_weight: ClassWeight = MISSING
     sampler: Sampler = MISSING
+    sampler_power: float = MISSING  # balanced: class c drawn ∝ n_c ** power (0: equally)
+    mixup_alpha: float = MISSING  # mixup's Beta(alpha, alpha) on the train batches; 0: off
     clipnorm: Optional[float] = MISSING  # Adam's per-variable gradient norm clipping; null: none
     weight_decay: float = MISSING  # Adam's decoupled weight decay (AdamW); 0: none
     ema_momentum: Optional[float] = MISSING  # phase 2 validates and checkpoints an EMA of the weights; null: off
@@ -651,6 +654,20 @@ def _check_train(train: Any) -> None:
         raise ConfigError(
             "train.sampler=balanced already draws the classes equally; with train.class_weight=balanced the rare "
             "classes would be weighted twice. Set train.class_weight=none."
+        )
+    if train.sampler_power < 0 or train.logit_adjustment < 0:
+        raise ConfigError(
+            f"train.sampler_power and train.logit_adjustment must be >= 0, got {train.sampler_power} and "
+            f"{train.logit_adjustment}"
+        )
+    if train.mixup_alpha < 0:
+        raise ConfigError(f"train.mixup_alpha must be >= 0 (0: off), got {train.mixup_alpha}")
+    if train.sampler_power > 0 and train.sampler != "balanced":
+        raise ConfigError("train.sampler_power shapes the balanced sampler: set train.sampler=balanced too")
+    if train.logit_adjustment > 0 and train.class_weight != "none":
+        raise ConfigError(
+            "train.logit_adjustment already corrects the loss for the training class prior; with "
+            "train.class_weight=balanced the rare classes would be favoured twice. Set train.class_weight=none."
         )
     if train.clipnorm is not None and train.clipnorm <= 0:
         raise ConfigError(f"train.clipnorm must be null or > 0, got {train.clipnorm}")

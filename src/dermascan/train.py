@@ -65,7 +65,12 @@ from dermascan.modeling.fit import (
     run_phases,
     steps_for,
 )
-from dermascan.modeling.inputs import PipelineSpec, make_inputs, naming_broken_files
+from dermascan.modeling.inputs import (
+    PipelineSpec,
+    make_inputs,
+    naming_broken_files,
+    training_prior,
+)
 from dermascan.modeling.model import build_model, freeze_bn_of, inference_model
 from dermascan.rundir import Run
 
@@ -258,6 +263,8 @@ def prepare_pipelines(cfg: DictConfig, data: RunData, replicas: int, policy: str
         augment_in_pipeline=not on_accelerator,
         shuffle_buffer=cfg.train.shuffle_buffer,
         sampler=cfg.train.sampler,
+        sampler_power=cfg.train.sampler_power,
+        mixup_alpha=cfg.train.mixup_alpha,
         seed=cfg.seed,
         deterministic=True,
     )
@@ -275,6 +282,7 @@ def prepare_pipelines(cfg: DictConfig, data: RunData, replicas: int, policy: str
         val=make_inputs(val_rows, val_spec, params, training=False, cache=cache),
         steps_per_epoch=steps,
         class_weight=keras_class_weight(data.weights),
+        prior=tuple(training_prior(train_rows["label"], spec)),
     )
     return Pipelines(inputs, augment_in_model=on_accelerator)
 

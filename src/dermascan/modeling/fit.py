@@ -108,6 +108,47 @@ class LargestClassShare(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
+@keras.saving.register_keras_serializable(package="dermascan")
+class LogitAdjustedCrossentropy(keras.losses.Loss):
+    """Cross-entropy on the logits plus ``tau * log(prior)``: the logit-adjusted loss of Menon et al. (ICLR 2021).
+
+    ``prior`` is the class distribution training draws (the data's, or the
+    balanced sampler's). Fitting ``softmax(f + tau log prior)`` to those
+    labels leaves the model's own ``softmax(f)`` as the posterior under equal
+    class priors when ``tau = 1``: its argmax is the decision that maximises
+    balanced accuracy, and nothing changes at inference or in an export. The
+    model outputs probabilities, so the logits are ``log p`` (equal to ``f``
+    up to a constant per image, which softmax ignores).
+    """
+
+    def __init__(self, prior: Sequence[float], tau: float = 1.0, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prior = [float(p) for p in prior]
+        self.tau = float(tau)
+        self.label_smoothing = float(label_smoothing)
+        self._shift = tf.constant([self.tau * math.log(max(p, 1e-12)) for p in self.prior], tf.float32)
+        self._crossentropy = keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=label_smoothing, reduction=None
+        )
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        logits = tf.math.log(tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0)) + self._shift
+        return self._crossentropy(y_true, logits)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(), "prior": self.prior, "tau": self.tau, "label_smoothing": self.label_smoothing,
+        }
+
+
+def make_loss(train_cfg: Any, prior: Optional[Sequence[float]]) -> keras.losses.Loss:
+    """The run's loss: plain cross-entropy, or logit-adjusted by the training prior (``train.logit_adjustment``)."""
+    tau = float(train_cfg.logit_adjustment)
+    if tau == 0.0 or prior is None:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing)
+    return LogitAdjustedCrossentropy(prior, tau=tau, label_smoothing=train_cfg.label_smoothing)
+
+
 def load_keras(path: Path, compile: bool = True) -> keras.Model:
     """A ``.keras`` file of this project: a checkpoint (``checkpoints/best.keras``) or an export's ``model.keras``.
 
@@ -118,13 +159,19 @@ def load_keras(path: Path, compile: bool = True) -> keras.Model:
 
 
 def compile_model(
-    model: keras.Model, learning_rate: Any, train_cfg: Any, jit_compile: Any, ema: Optional[float] = None
+    model: keras.Model,
+    learning_rate: Any,
+    train_cfg: Any,
+    jit_compile: Any,
+    ema: Optional[float] = None,
+    prior: Optional[Sequence[float]] = None,
 ) -> None:
     """Adam with the run's clipping and weight decay, and the run's metrics.
 
     ``ema``: keep an exponential moving average of the weights in the
     optimizer (Keras' ``use_ema``); ``run_phases`` swaps it in for validation
-    and checkpoints with ``keras.callbacks.SwapEMAWeights``.
+    and checkpoints with ``keras.callbacks.SwapEMAWeights``. ``prior``: the
+    class distribution training draws, for ``train.logit_adjustment``.
     """
     model.compile(
         optimizer=keras.optimizers.Adam(
@@ -134,7 +181,7 @@ def compile_model(
             use_ema=ema is not None,
             ema_momentum=0.99 if ema is None else ema,
         ),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
+        loss=make_loss(train_cfg, prior),
         metrics=[keras.metrics.CategoricalAccuracy(name="top1_accuracy"), BalancedAccuracy(), LargestClassShare()],
         jit_compile=jit_compile,
     )
@@ -184,6 +231,7 @@ class FitInputs:
     val: Any
     steps_per_epoch: int
     class_weight: Optional[dict[int, float]] = None
+    prior: Optional[tuple[float, ...]] = None  # the class distribution the train pipeline draws
 
 
 @dataclass(frozen=True)
@@ -270,7 +318,7 @@ def _phase1(fitting: Fitting, checkpoint: keras.callbacks.ModelCheckpoint) -> in
     cfg, done = fitting.train_cfg, 0
     if cfg.phase1.epochs > 0:
         log.info("phase 1: head only, backbone frozen, %d epoch(s) at lr %g", cfg.phase1.epochs, cfg.phase1.lr)
-        compile_model(fitting.model, cfg.phase1.lr, cfg, fitting.jit_compile)
+        compile_model(fitting.model, cfg.phase1.lr, cfg, fitting.jit_compile, prior=fitting.inputs.prior)
         done = fitting.fit(1, 0, cfg.phase1.epochs, checkpoint)
     fitting.model.save_weights(str(fitting.run_dir / PHASE1_WEIGHTS))
     return done
@@ -296,7 +344,7 @@ def _phase2(fitting: Fitting, checkpoint: keras.callbacks.ModelCheckpoint, phase
         "phase 2: fine-tuning %d backbone layer(s), %d epoch(s), cosine decay from lr %g over %d steps (%d warmup)",
         trainable, epochs, cfg.phase2.lr, steps, warmup,
     )
-    compile_model(fitting.model, schedule, cfg, fitting.jit_compile, ema=cfg.ema_momentum)
+    compile_model(fitting.model, schedule, cfg, fitting.jit_compile, ema=cfg.ema_momentum, prior=fitting.inputs.prior)
     return fitting.fit(2, phase1_epochs, epochs, checkpoint)
 
 

@@ -41,7 +41,9 @@ class PipelineSpec:
     engine: str = "fast"  # fast | legacy
     augment_in_pipeline: bool = True  # False: the model's IDGAugmentation layer augments
     shuffle_buffer: int = 4096
-    sampler: str = "shuffle"  # shuffle | balanced (training only: each class drawn with equal probability)
+    sampler: str = "shuffle"  # shuffle | balanced (training only: class c drawn with probability ∝ n_c ** sampler_power)
+    sampler_power: float = 0.0  # balanced only: 0 draws each class equally, 0.5 by the square root of its count
+    mixup_alpha: float = 0.0  # training only: mixup's Beta(alpha, alpha); 0: off
     seed: int = 42
     deterministic: bool = True
 
@@ -66,8 +68,37 @@ def decode(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
+def mixup(images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mixup (Zhang et al., ICLR 2018): each image blended with its mirror in the batch, labels alike.
+
+    The weight is drawn per image from Beta(alpha, alpha) (a ratio of two
+    Gamma draws) and folded to >= 0.5, so each image keeps most of itself and
+    its own label stays the larger one.
+    """
+    n = tf.shape(images)[0]
+    gamma_seeds = tf.random.experimental.stateless_split(seed, 2)
+    first = tf.random.stateless_gamma([n], gamma_seeds[0], alpha)
+    second = tf.random.stateless_gamma([n], gamma_seeds[1], alpha)
+    weight = tf.math.divide_no_nan(first, first + second)
+    weight = tf.maximum(weight, 1.0 - weight)
+    mixed = weight[:, None, None, None] * images + (1.0 - weight[:, None, None, None]) * tf.reverse(images, [0])
+    return mixed, weight[:, None] * labels + (1.0 - weight[:, None]) * tf.reverse(labels, [0])
+
+
+def sampling_prior(indices: np.ndarray, power: float) -> np.ndarray:
+    """The class distribution the balanced sampler draws: ∝ n_c ** power over the 8 classes (0 where absent)."""
+    counts = np.bincount(indices, minlength=len(CODES)).astype(np.float64)
+    weights = np.where(counts > 0, counts**power, 0.0)
+    return weights / weights.sum()
+
+
+def training_prior(labels: Sequence[str], spec: PipelineSpec) -> np.ndarray:
+    """The class distribution the train pipeline draws: the data's own (shuffle) or the balanced sampler's."""
+    return sampling_prior(label_indices(labels), spec.sampler_power if spec.sampler == "balanced" else 1.0)
+
+
 def balanced_sampler(paths: list[str], indices: np.ndarray, spec: PipelineSpec) -> tf.data.Dataset:
-    """An endless stream of (path, label) that draws each present class with equal probability.
+    """An endless stream of (path, label) drawing each present class ∝ its count ** ``sampler_power`` (0: equally).
 
     The alternative to class weights: the rare classes are seen more often
     (with fresh augmentation each time) instead of weighing more. Each class
@@ -79,7 +110,9 @@ def balanced_sampler(paths: list[str], indices: np.ndarray, spec: PipelineSpec) 
         members = [p for p, i in zip(paths, indices) if i == label]
         stream = tf.data.Dataset.from_tensor_slices((members, np.full(len(members), label, np.int32)))
         streams.append(stream.shuffle(len(members), seed=spec.seed + k, reshuffle_each_iteration=True).repeat())
-    return tf.data.Dataset.sample_from_datasets(streams, weights=[1.0 / len(streams)] * len(streams), seed=spec.seed)
+    return tf.data.Dataset.sample_from_datasets(
+        streams, weights=sampling_prior(indices, spec.sampler_power)[np.unique(indices)].tolist(), seed=spec.seed
+    )
 
 
 def fast_dataset(
@@ -119,6 +152,13 @@ def fast_dataset(
         )
     else:
         ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
+    if training and spec.mixup_alpha > 0:
+        seeds = tf.data.Dataset.random(seed=spec.seed + 1, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda batch, seed: mixup(batch[0], batch[1], spec.mixup_alpha, seed),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=spec.deterministic,
+        )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -165,6 +205,8 @@ def make_inputs(
     """
     if frame.empty:
         raise DataError("no images to build an input pipeline from")
+    if spec.engine == "legacy" and spec.mixup_alpha > 0:
+        raise ConfigError("train.mixup_alpha needs augment.engine=fast (ImageDataGenerator cannot mix batches)")
     if spec.engine == "legacy" and spec.sampler != "shuffle":  # before the cache is built, not after
         raise ConfigError("train.sampler=balanced needs augment.engine=fast (ImageDataGenerator only shuffles)")
     paths = build_cache(
