@@ -144,8 +144,10 @@ class LogitAdjustedCrossentropy(keras.losses.Loss):
 def make_loss(train_cfg: Any, prior: Optional[Sequence[float]]) -> keras.losses.Loss:
     """The run's loss: plain cross-entropy, or logit-adjusted by the training prior (``train.logit_adjustment``)."""
     tau = float(train_cfg.logit_adjustment)
-    if tau == 0.0 or prior is None:
+    if tau == 0.0:
         return keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing)
+    if prior is None:
+        raise ValueError("train.logit_adjustment needs the training class prior (FitInputs.prior)")
     return LogitAdjustedCrossentropy(prior, tau=tau, label_smoothing=train_cfg.label_smoothing)
 
 
