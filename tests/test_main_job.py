@@ -17,6 +17,9 @@ from dermascan.checksums import verify_manifest
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+# Slow: 140-180 s of CI's 2 cores, the largest single item of the default run. The debug runs of
+# test_train.py cover the same train -> evaluate -> export -> MLflow path in the default run.
+@pytest.mark.slow
 def test_default_demo_run_learns_offline_within_five_minutes(tmp_path):
     """No overrides: generated data, no download, >= 0.9 balanced accuracy on the demo test split."""
     started = time.perf_counter()
