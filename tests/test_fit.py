@@ -158,8 +158,6 @@ def test_phase2_alone_averages_and_the_average_is_swapped_in_before_early_stoppi
 
 
 def test_the_run_compiles_the_logit_adjusted_loss_only_when_asked():
-    from dermascan.config import RunConfig
-
     prior = (0.5, 0.5, 0, 0, 0, 0, 0, 0)
     for overrides, expected in (([], keras.losses.CategoricalCrossentropy), (
         ["train.logit_adjustment=0.7", "train.class_weight=none"], LogitAdjustedCrossentropy,
